@@ -1,0 +1,44 @@
+"""moeify: dense LLM MLPs into Mixture-of-Experts layers, without training.
+
+    import moeify
+    model = moeify.convert("HuggingFaceTB/SmolLM2-135M-Instruct", moeify.MLPMoEConfig(branches=8))
+    model.save_pretrained("out/smollm2-mlpmoe-b8")
+
+Importing moeify registers its model classes with transformers' Auto classes,
+so converted checkpoints reload with AutoModelForCausalLM.from_pretrained.
+It does not import lm-eval or initialise CUDA.
+"""
+
+import logging as _logging
+
+__version__ = "0.1.0"
+
+_logging.getLogger("moeify").addHandler(_logging.NullHandler())
+
+from .errors import AssetError, InputError, MoeifyError  # noqa: E402
+from .modeling import register_all as _register_all  # noqa: E402
+
+_register_all()
+
+from .api import convert, load, save  # noqa: E402
+from .config import MethodConfig, config_for, method_names  # noqa: E402
+from .io import load_model  # noqa: E402
+from .methods import MLPMoEConfig  # noqa: E402
+from .moe import MoEMLP  # noqa: E402
+from .plan import LayerPlan  # noqa: E402
+
+__all__ = [
+    "AssetError",
+    "InputError",
+    "LayerPlan",
+    "MLPMoEConfig",
+    "MethodConfig",
+    "MoEMLP",
+    "MoeifyError",
+    "config_for",
+    "convert",
+    "load",
+    "load_model",
+    "method_names",
+    "save",
+]

@@ -1,0 +1,101 @@
+"""moeify's model classes: the base architecture with MoE blocks in place of MLPs.
+
+For every supported base architecture X there is a config class `MoeifyXConfig`
+(model_type `moeify_<x>`, all of X's fields plus a `moeify` block) and a model
+class subclassing X's CausalLM. They are registered with transformers' Auto
+classes on `import moeify`, so `AutoModelForCausalLM.from_pretrained(dir)`
+reloads a converted checkpoint with no remote code.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from .arch import ARCHITECTURES, DENSE_TYPES, MOE_TYPES, activation_name, mlp_sites, spec_for
+from .errors import InputError
+from .moe import FORMAT_VERSION, MoEMLP
+
+log = logging.getLogger("moeify")
+
+_CLASSES: dict[str, tuple[type, type]] = {}
+
+
+def install_blocks(model: nn.Module, moeify_cfg: dict[str, Any]) -> None:
+    """Replace the MLPs named in config.moeify["layers"] by empty MoE blocks of the right shapes."""
+    mt = moeify_cfg.get("base_model_type")
+    spec = ARCHITECTURES[mt] if mt in ARCHITECTURES else spec_for(model)
+    act = activation_name(model.config, spec)
+    layers = moeify_cfg.get("layers") or []
+    sites = list(mlp_sites(model, spec))
+    if len(layers) != len(sites):
+        raise InputError(f"checkpoint plan has {len(layers)} layers but the model has {len(sites)}; the config is corrupt.")
+    hidden = model.config.hidden_size
+    for site, layer_cfg in zip(sites, layers):
+        if layer_cfg is None:
+            continue
+        site.replace(MoEMLP(hidden, layer_cfg, act))
+
+
+def _make_classes(model_type: str) -> tuple[type, type]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    base_cfg = CONFIG_MAPPING[model_type]
+    base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_cfg]
+    new_type = f"moeify_{model_type}"
+    cfg_cls = type(f"Moeify{base_cfg.__name__}", (base_cfg,), {"model_type": new_type, "__module__": __name__})
+
+    def __init__(self, config):
+        base_model.__init__(self, config)
+        install_blocks(self, config.moeify)
+
+    def save_pretrained(self, save_directory, *, overwrite: bool = False, tokenizer=None, **kwargs):
+        """Atomic save with tokenizer and model card; refuses an existing output unless overwrite=True."""
+        from .api import save
+
+        return save(self, save_directory, tokenizer=tokenizer, overwrite=overwrite, **kwargs)
+
+    model_cls = type(
+        f"Moeify{base_model.__name__}",
+        (base_model,),
+        {"config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__, "_no_split_modules": ["MoEMLP"] + list(getattr(base_model, "_no_split_modules", None) or [])},
+    )
+    AutoConfig.register(new_type, cfg_cls, exist_ok=True)
+    AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
+    return cfg_cls, model_cls
+
+
+def classes_for(model_type: str) -> tuple[type, type]:
+    """(config class, model class) for a base model_type, created and registered on first use."""
+    if model_type not in _CLASSES:
+        _CLASSES[model_type] = _make_classes(model_type)
+    return _CLASSES[model_type]
+
+
+def register_all() -> None:
+    for mt in DENSE_TYPES + MOE_TYPES:
+        try:
+            classes_for(mt)
+        except KeyError:  # an older transformers without this architecture
+            log.debug("transformers has no %s; not registered", mt)
+
+
+def as_moeify_model(model, moeify_cfg: dict[str, Any]):
+    """Turn a converted base model in place into moeify's class, with the plan in its config."""
+    from .arch import base_model_type
+
+    mt = base_model_type(model.config)
+    cfg_cls, model_cls = classes_for(mt)
+    d = model.config.to_dict()
+    for k in ("model_type", "architectures", "moeify", "transformers_version"):
+        d.pop(k, None)
+    moeify_cfg = {"format_version": FORMAT_VERSION, "base_model_type": mt, **moeify_cfg}
+    cfg = cfg_cls(**d, moeify=moeify_cfg)
+    cfg.architectures = [model_cls.__name__]
+    model.config = cfg
+    model.__class__ = model_cls
+    return model
