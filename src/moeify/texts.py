@@ -270,6 +270,9 @@ def load_token_ids(tokenizer, source: str = "austen", split: str = "calibration"
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, ids.numpy().astype(dtype), allow_pickle=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache must not stop the run
         logger.warning("could not cache token ids at %s: %s", path, exc)

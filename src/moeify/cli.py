@@ -1,0 +1,295 @@
+"""The `moeify` command line: pull | convert | eval (and more as methods land).
+
+Library code logs; only this module prints (rich tables).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dense LLM MLPs into Mixture-of-Experts layers, without training.")
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    logging.getLogger("moeify").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    _setup_logging(verbose)
+
+
+def _write_json(path: Optional[Path], data: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    console.print(f"results written to [bold]{path}[/bold]")
+
+
+def _environment() -> dict[str, Any]:
+    import platform
+
+    import torch
+    import transformers
+
+    import moeify
+
+    return {
+        "moeify": moeify.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "git": _git_hash(),
+    }
+
+
+def _git_hash() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/bold red] {e}")
+    raise typer.Exit(2)
+
+
+def _ppl_protocol(source: str, quick: bool, windows: int) -> str:
+    if source == "austen":
+        return f"austen-v1 {'quick' if quick else 'full'}"
+    return f"{source} ({windows} windows of 2048)"
+
+
+def _compare_ppl(model, baseline, tokenizer, sources: list[str], quick: bool, dtype: str) -> dict[str, Any]:
+    from .eval.perplexity import compare_perplexity
+    from .texts import perplexity_windows
+
+    results = {}
+    for src in sources:
+        windows = perplexity_windows(tokenizer, source=src, quick=quick)
+        r = compare_perplexity(model, baseline, windows)
+        r["protocol"] = _ppl_protocol(src, quick, int(r["windows"]))
+        r["dtype"] = dtype
+        results[src] = r
+    return results
+
+
+@app.command()
+def pull(force: bool = typer.Option(False, help="Fetch again even if cached.")) -> None:
+    """Fetch and cache the default model (SmolLM2-135M-Instruct), the Austen corpus and the zero-shot task data."""
+    from .assets import moeify_home, pull_all
+    from .errors import MoeifyError
+
+    try:
+        where = pull_all(force=force)
+    except MoeifyError as e:
+        _fail(e)
+    t = Table(title=f"moeify assets (MOEIFY_HOME={moeify_home()})")
+    t.add_column("asset")
+    t.add_column("cached at")
+    for k, v in where.items():
+        t.add_row(k, str(v))
+    console.print(t)
+
+
+@app.command()
+def convert(
+    model: Optional[str] = typer.Argument(None, help="Hub id, local folder or .gguf file; default: SmolLM2-135M-Instruct."),
+    method: str = typer.Option("mlpmoe", "--method", "-m", help="Conversion method (see `moeify methods`)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write the converted checkpoint to."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    branches: Optional[int] = typer.Option(None, help="mlpmoe: number of contiguous branches B (default 8)."),
+    prune: Optional[float] = typer.Option(None, help="mlpmoe: fraction of MLP parameters to remove (default 0)."),
+    prune_mode: Optional[str] = typer.Option(None, help="mlpmoe: fractal-fade | compensated | uniform."),
+    layout: Optional[str] = typer.Option(None, help="Routed methods: SxAyEz layout, e.g. S3A3E8."),
+    shared: Optional[int] = typer.Option(None, help="Routed methods: shared experts (instead of --layout)."),
+    active: Optional[int] = typer.Option(None, help="Routed methods: routed experts active per token."),
+    experts: Optional[int] = typer.Option(None, help="Routed methods: experts in total."),
+    calib: str = typer.Option("austen", help="Calibration text source: austen | wikitext2 | c4 | FILE | DIR | FILE.jsonl[:field] | hf:NAME[:CONFIG]:SPLIT:COLUMN."),
+    samples: int = typer.Option(8, help="Calibration windows."),
+    seq_len: int = typer.Option(2048, help="Calibration window length in tokens."),
+    seed: int = typer.Option(0, help="Seed for window sampling and any randomness."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Score dense vs converted perplexity in the same run."),
+    ppl: str = typer.Option("austen", help="Perplexity text source for --eval."),
+    quick: bool = typer.Option(True, "--quick/--full", help="austen-v1 quick (16 windows) or full."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
+    trust_remote_code: bool = typer.Option(False, help="Allow the model's own code from the hub (off by default)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write machine-readable results here."),
+) -> None:
+    """Convert a dense model's MLPs into MoE blocks, compare with the dense model, and save."""
+    import torch
+
+    from . import api
+    from .config import config_for
+    from .errors import MoeifyError
+    from .io import load_config, load_model, prepare_output, resolve_model_path
+
+    try:
+        prepare_output(output, overwrite)
+        opts = dict(branches=branches, prune=prune, prune_mode=prune_mode, layout=layout, shared=shared, active=active, experts=experts)
+        cfg = config_for(method, **opts)
+        calibration = None
+        if cfg.needs_calibration:
+            from .calibration import Calibration
+
+            calibration = Calibration(source=calib, samples=samples, seq_len=seq_len, seed=seed)
+        torch.manual_seed(seed)
+        path = resolve_model_path(model)
+        mcfg = load_config(path, trust_remote_code=trust_remote_code)
+        cfg.check(api._config_intermediate_sizes(mcfg))
+        t_load = time.perf_counter()
+        dense, tok = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        load_s = time.perf_counter() - t_load
+        if calibration is not None:
+            calibration.validate(tok)
+        baseline = copy.deepcopy(dense) if evaluate else None
+        dense_params = api.count_parameters(dense)
+        converted = api.convert(dense, cfg, calibration=calibration, tokenizer=tok)
+        summary = converted.config.moeify["summary"]
+        result: dict[str, Any] = {
+            "method": cfg.method,
+            "config": cfg.to_dict()["_data"],
+            "model": str(model or "HuggingFaceTB/SmolLM2-135M-Instruct"),
+            "active_mlp_fraction": summary["active_mlp_fraction"],
+            "mlp_params_removed_fraction": summary["mlp_params_removed_fraction"],
+            "seconds": summary["seconds"],
+            "load_seconds": load_s,
+            "parameters": {"dense": dense_params, "converted": api.count_parameters(converted)},
+            "summary": summary,
+        }
+        if evaluate:
+            ppl_res = _compare_ppl(converted, baseline, tok, [ppl], quick, dtype)
+            converted.config.moeify["metrics"] = {"ppl": ppl_res}
+            result["ppl"] = ppl_res
+            del baseline
+        out = api.save(converted, output, tokenizer=tok, overwrite=overwrite)
+        result["output"] = str(out)
+        result["environment"] = _environment()
+    except MoeifyError as e:
+        _fail(e)
+    _print_convert(result)
+    _write_json(json_out, result)
+
+
+def _print_convert(r: dict[str, Any]) -> None:
+    t = Table(title=f"{r['model']}: dense vs {r['method']} {r['config']}")
+    t.add_column("")
+    t.add_column("dense", justify="right")
+    t.add_column(r["method"], justify="right")
+    t.add_row("parameters", f"{r['parameters']['dense']:,}", f"{r['parameters']['converted']:,}")
+    t.add_row("active MLP fraction", "1.000", f"{r['active_mlp_fraction']:.3f}")
+    t.add_row("MLP parameters removed", "0.000", f"{r['mlp_params_removed_fraction']:.3f}")
+    for name, p in (r.get("ppl") or {}).items():
+        t.add_row(f"perplexity ({p['protocol']}, {p['dtype']})", f"{p['baseline']:.4f}", f"{p['model']:.4f}")
+        t.add_row("perplexity ratio (converted / dense)", "1.00000", f"{p['ratio']:.5f}  ({(p['ratio'] - 1) * 100:+.3f} %)")
+    for k in ("router_fidelity", "calibration_error"):
+        if k in r["summary"]:
+            t.add_row(k.replace("_", " "), "", f"{r['summary'][k]:.3f}")
+    t.add_row("conversion time (excl. loading)", "", f"{r['seconds']:.2f} s")
+    console.print(t)
+    console.print(f"saved to [bold]{r['output']}[/bold]")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Converted directory, hub id, local folder or .gguf."),
+    ppl: Optional[list[str]] = typer.Option(None, "--ppl", help="Perplexity text source(s): austen | wikitext2 | c4 | FILE | ... (repeatable)."),
+    quick: bool = typer.Option(True, "--quick/--full", help="austen-v1 quick (16 windows) or full."),
+    baseline: Optional[str] = typer.Option(None, help="Dense baseline; default: the base model recorded in a converted checkpoint."),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="Score the model alone."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write machine-readable results here."),
+) -> None:
+    """Perplexity of a model, with its dense baseline scored in the same run on the same windows."""
+    from .errors import InputError, MoeifyError
+    from .io import load_model
+
+    try:
+        sources = ppl or ["austen"]
+        m, tok = load_model(model, dtype=dtype)
+        base_name = baseline
+        if base_name is None and not no_baseline:
+            mo = getattr(m.config, "moeify", None)
+            if mo is None:
+                raise InputError(f"{model} is not a moeify checkpoint: pass --baseline MODEL or --no-baseline.")
+            base_name = (mo.get("provenance") or {}).get("base_model")
+            if not base_name:
+                raise InputError(f"{model} does not record its base model: pass --baseline MODEL.")
+        base = load_model(base_name, dtype=dtype, with_tokenizer=False)[0] if base_name else None
+        result: dict[str, Any] = {"model": model, "baseline": base_name, "ppl": {}}
+        if base is not None:
+            result["ppl"] = _compare_ppl(m, base, tok, sources, quick, dtype)
+        else:
+            from .eval.perplexity import perplexity
+            from .texts import perplexity_windows
+
+            for src in sources:
+                w = perplexity_windows(tok, source=src, quick=quick)
+                r = perplexity(m, w)
+                result["ppl"][src] = {"model": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "protocol": _ppl_protocol(src, quick, r["windows"]), "dtype": dtype}
+        result["environment"] = _environment()
+    except MoeifyError as e:
+        _fail(e)
+    t = Table(title=f"{model}" + (f" vs {base_name}" if base_name else ""))
+    for c in ("text", "protocol", "windows", "tokens", "baseline ppl", "model ppl", "ratio"):
+        t.add_column(c, justify="right")
+    for src, r in result["ppl"].items():
+        t.add_row(
+            src, r["protocol"], str(r["windows"]), str(r["tokens"]),
+            f"{r['baseline']:.4f}" if "baseline" in r else "-", f"{r['model']:.4f}", f"{r['ratio']:.5f}" if "ratio" in r else "-",
+        )
+    console.print(t)
+    _write_json(json_out, result)
+
+
+@app.command()
+def methods() -> None:
+    """List the conversion methods and their options."""
+    import dataclasses
+
+    from .config import METHODS, config_for  # noqa: F401
+    from . import methods as _m  # noqa: F401
+
+    t = Table(title="moeify methods")
+    t.add_column("method")
+    t.add_column("calibration")
+    t.add_column("options (defaults)")
+    for name, cls in sorted(METHODS.items()):
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING)
+        t.add_row(name, "yes" if cls.needs_calibration else "no", opts)
+    console.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The backbone invariant: every expert active with unit weights == the dense MLP."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moeify
+from moeify.arch import dense_weights, mlp_sites, spec_for
+from moeify.moe import GatedWeights, MoEMLP
+from moeify.plan import LayerPlan
+
+from .conftest import DENSE_ARCHS, tiny_model
+
+
+@pytest.mark.parametrize("arch", DENSE_ARCHS)
+def test_mlpmoe_is_exact_for_every_architecture(arch, probe_ids):
+    model = tiny_model(arch)
+    with torch.no_grad():
+        ref = model(probe_ids).logits
+    conv = moeify.convert(copy.deepcopy(model), moeify.MLPMoEConfig(branches=5), progress=False)
+    assert type(conv).__name__.startswith("Moeify")
+    assert all(isinstance(s.module, MoEMLP) for s in mlp_sites(conv))
+    with torch.no_grad():
+        out = conv(probe_ids).logits
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("arch", DENSE_ARCHS)
+def test_adapter_reads_the_real_mlp(arch):
+    """dense_weights must reproduce the architecture's own MLP forward (act, gate/up order, fused Phi-3)."""
+    model = tiny_model(arch)
+    spec = spec_for(model)
+    site = next(mlp_sites(model, spec))
+    act = moeify.arch.activation_name(model.config, spec)
+    w = dense_weights(site.module, spec, act)
+    x = torch.randn(7, model.config.hidden_size)
+    with torch.no_grad():
+        assert torch.allclose(w(x), site.module(x), atol=1e-6)
+
+
+def _random_weights(h: int, d: int, act: str, seed: int) -> GatedWeights:
+    g = torch.Generator().manual_seed(seed)
+    return GatedWeights(
+        gate=torch.randn(d, h, generator=g) / h**0.5,
+        up=torch.randn(d, h, generator=g) / h**0.5,
+        down=torch.randn(h, d, generator=g) / d**0.5,
+        act=act,
+    )
+
+
+@st.composite
+def partitions(draw):
+    h = draw(st.integers(4, 24))
+    d = draw(st.integers(2, 60))
+    seed = draw(st.integers(0, 2**16))
+    perm = np.random.default_rng(seed).permutation(d)
+    n_shared = draw(st.integers(0, d - 1))
+    rest = perm[n_shared:]
+    n_exp = draw(st.integers(1, len(rest)))
+    cuts = sorted(draw(st.lists(st.integers(1, len(rest) - 1), min_size=n_exp - 1, max_size=n_exp - 1, unique=True))) if n_exp > 1 else []
+    experts = np.split(rest, cuts)
+    return h, d, seed, perm[:n_shared], experts
+
+
+@settings(max_examples=60, deadline=None)
+@given(partitions(), st.sampled_from(["silu", "gelu_pytorch_tanh"]), st.sampled_from(["static", "linear", "analytical"]))
+def test_any_partition_all_active_is_exact(part, act, router):
+    h, d, seed, shared, experts = part
+    w = _random_weights(h, d, act, seed)
+    plan = LayerPlan(shared=shared, experts=experts, top_k=len(experts), router={"type": router})
+    plan.validate(d)
+    block = MoEMLP.from_dense(w, plan)
+    x = torch.randn(9, h, generator=torch.Generator().manual_seed(seed + 1))
+    ref = w(x)
+    with torch.no_grad():
+        out = block(x)
+        assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+        # the routed (grouped) path with every expert selected must agree too
+        if experts:
+            grouped = torch.zeros_like(ref)
+            if block.shared_size:
+                grouped += block._shared(x)
+            idx = torch.arange(len(experts)).expand(x.shape[0], -1)
+            block._grouped_routed(x, idx, torch.ones(idx.shape), grouped)
+            assert torch.allclose(grouped, ref, atol=1e-5), (grouped - ref).abs().max()
+
+
+def test_bf16_accumulates_in_fp32():
+    w = _random_weights(32, 256, "silu", 0)
+    plan = LayerPlan(shared=np.arange(64), experts=np.split(np.arange(64, 256), 8), top_k=8, router={"type": "linear"})
+    block = MoEMLP.from_dense(w, plan).to(torch.bfloat16)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        ref = w(x)
+        out = block(x.bfloat16()).float()
+    # bf16 weights/inputs: error is bf16 rounding of the inputs, not of a 9-way bf16 sum
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert out.dtype == torch.float32 and block(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_topk_selects_highest_scores_and_skips_unselected():
+    """With a linear router and top-1, only the selected expert's output is added."""
+    w = _random_weights(8, 12, "silu", 3)
+    plan = LayerPlan(shared=[], experts=[np.arange(0, 4), np.arange(4, 8), np.arange(8, 12)], top_k=1, router={"type": "linear"})
+    block = MoEMLP.from_dense(w, plan)
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        block.router.weight.copy_(torch.randn(3, 8))
+        scores = x @ block.router.weight.T
+        out = block(x)
+        for t in range(6):
+            e = int(scores[t].argmax())
+            idx = plan.experts[e]
+            exp = (torch.nn.functional.silu(x[t] @ w.gate[idx].T) * (x[t] @ w.up[idx].T)) @ w.down[:, idx].T
+            assert torch.allclose(out[t], exp, atol=1e-5)
