@@ -56,3 +56,39 @@ def test_eval_against_recorded_baseline_on_a_text_file(tiny_dir, tmp_path):
 def test_methods_lists_mlpmoe():
     r = runner.invoke(app, ["methods"])
     assert r.exit_code == 0 and "mlpmoe" in r.output and "branches" in r.output
+
+
+def _words(path, n=3000, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    path.write_text(" ".join(f"w{rng.randrange(126)}" for _ in range(n)))
+    return path
+
+
+def test_convert_cmoe_from_a_local_text_file(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import moeify  # noqa: F401  (registers the classes)
+
+    text = _words(tmp_path / "calib.txt")
+    out, js = tmp_path / "cmoe", tmp_path / "c.json"
+    r = runner.invoke(app, ["convert", str(tiny_dir), "--method", "cmoe", "--layout", "S1A2E8", "--calib", str(text), "--samples", "4",
+                            "--seq-len", "64", "-o", str(out), "--no-eval", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(js.read_text())
+    assert data["method"] == "cmoe" and data["config"]["layout"] == "S1A2E8"
+    assert abs(data["active_mlp_fraction"] - 3 / 8) < 1e-9
+    fid = data["router_fidelity"]
+    assert len(fid["per_layer"]) == 2 and all(0 <= f <= 1 for f in fid["per_layer"])
+    assert fid["heldout_tokens"] > 0
+    back = AutoModelForCausalLM.from_pretrained(out)
+    assert back.config.moeify["summary"]["calibration"]["source"] == str(text)
+
+
+def test_convert_cmoe_with_too_little_text_fails_before_loading_the_model(tiny_dir, tmp_path):
+    text = _words(tmp_path / "short.txt", n=20)
+    r = runner.invoke(app, ["convert", str(tiny_dir), "--method", "cmoe", "--calib", str(text), "--samples", "2", "--seq-len", "64",
+                            "-o", str(tmp_path / "o"), "--no-eval"])
+    assert r.exit_code == 2 and "need at least 65" in r.output
+    assert not (tmp_path / "o").exists()

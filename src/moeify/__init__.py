@@ -23,12 +23,15 @@ _register_all()
 from .api import convert, load, save  # noqa: E402
 from .config import MethodConfig, config_for, method_names  # noqa: E402
 from .io import load_model  # noqa: E402
-from .methods import MLPMoEConfig  # noqa: E402
+from .calibration import Calibration  # noqa: E402
+from .methods import CMoEConfig, MLPMoEConfig  # noqa: E402
 from .moe import MoEMLP  # noqa: E402
 from .plan import LayerPlan  # noqa: E402
 
 __all__ = [
     "AssetError",
+    "CMoEConfig",
+    "Calibration",
     "InputError",
     "LayerPlan",
     "MLPMoEConfig",

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .arch import activation_name, dense_weights, mlp_sites, spec_for
+from .arch import activation_name, dense_weights, expert_weights, mlp_sites, spec_for
 from .config import MethodConfig
 from .errors import InputError
 from .io import atomic_dir, load_config, load_model, prepare_output, resolve_model_path
@@ -66,9 +66,13 @@ def convert(
     spec = spec_for(model)
     act = activation_name(model.config, spec)
     sites = list(mlp_sites(model, spec))
-    sizes = [dense_weights(s.module, spec, act).intermediate_size if s.kind == "dense" else 0 for s in sites]
+    hierarchical = config.needs_calibration and hasattr(config, "plan_from_activations")
+    sizes = [_site_intermediate_size(s, spec, act, hierarchical) for s in sites]
     if not any(sizes):
-        raise InputError("the model has no dense gated MLP to convert (already converted, or an MoE model: use a method with hierarchical support).")
+        raise InputError(
+            f"the model has no dense gated MLP that {config.method!r} can convert (already converted, or an MoE model: "
+            "use a calibrated method such as cmoe, which converts MoE experts hierarchically)."
+        )
     config.check(sizes)
     if config.needs_calibration and calibration is None:
         raise InputError(f"method {config.method!r} needs calibration data: pass calibration=moeify.Calibration(...).")
@@ -106,6 +110,14 @@ def convert(
         sum(p is not None for p in plans), config.method, seconds, summary["active_mlp_fraction"], summary["mlp_params_removed_fraction"],
     )
     return model
+
+
+def _site_intermediate_size(site, spec, act, hierarchical: bool) -> int:
+    if site.kind == "dense":
+        return dense_weights(site.module, spec, act).intermediate_size
+    if site.kind == "moe_block" and hierarchical:
+        return expert_weights(site.module, spec, act)[0].intermediate_size
+    return 0
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ class ArchSpec:
     act_key: str = "hidden_act"  # config field naming the activation
     experts: str | None = None  # MoE block: attribute of the fused experts module
     shared_expert: str | None = None  # MoE block: attribute of a shared-expert MLP (Qwen2-MoE)
+    mlp_post_norm: str | None = None  # decoder-layer norm applied to the MLP output before the residual add (Gemma 2/3)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {}
@@ -43,8 +44,8 @@ def register(spec: ArchSpec) -> ArchSpec:
 
 for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma"):
     register(ArchSpec(model_type=_t))
-register(ArchSpec(model_type="gemma2", act_key="hidden_activation"))
-register(ArchSpec(model_type="gemma3_text", act_key="hidden_activation"))
+register(ArchSpec(model_type="gemma2", act_key="hidden_activation", mlp_post_norm="post_feedforward_layernorm"))
+register(ArchSpec(model_type="gemma3_text", act_key="hidden_activation", mlp_post_norm="post_feedforward_layernorm"))
 register(ArchSpec(model_type="phi3", gate=None, up=None, gate_up="gate_up_proj"))
 register(ArchSpec(model_type="mixtral", experts="experts"))
 register(ArchSpec(model_type="qwen2_moe", experts="experts", shared_expert="shared_expert"))

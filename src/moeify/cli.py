@@ -128,6 +128,12 @@ def convert(
     shared: Optional[int] = typer.Option(None, help="Routed methods: shared experts (instead of --layout)."),
     active: Optional[int] = typer.Option(None, help="Routed methods: routed experts active per token."),
     experts: Optional[int] = typer.Option(None, help="Routed methods: experts in total."),
+    variant: Optional[str] = typer.Option(None, help="cmoe: moeify (default, measured improvements) | paper | reference."),
+    k_act: Optional[int] = typer.Option(None, "--k-act", help="cmoe/prune: K_a, neurons marked per token (default 10)."),
+    router: Optional[str] = typer.Option(None, help="cmoe: representative | multi | fitted."),
+    max_iters: Optional[int] = typer.Option(None, help="cmoe: balanced-clustering iterations cap (1 = the reference code)."),
+    fraction: Optional[float] = typer.Option(None, help="prune: fraction of MLP neurons to keep (instead of --layout)."),
+    dense_feed: bool = typer.Option(False, "--dense-feed", help="Profile each layer on the dense model's hidden states instead of the converted layers' (the paper's setting)."),
     calib: str = typer.Option("austen", help="Calibration text source: austen | wikitext2 | c4 | FILE | DIR | FILE.jsonl[:field] | hf:NAME[:CONFIG]:SPLIT:COLUMN."),
     samples: int = typer.Option(8, help="Calibration windows."),
     seq_len: int = typer.Option(2048, help="Calibration window length in tokens."),
@@ -149,13 +155,14 @@ def convert(
 
     try:
         prepare_output(output, overwrite)
-        opts = dict(branches=branches, prune=prune, prune_mode=prune_mode, layout=layout, shared=shared, active=active, experts=experts)
+        opts = dict(branches=branches, prune=prune, prune_mode=prune_mode, layout=layout, shared=shared, active=active, experts=experts,
+                    variant=variant, k_act=k_act, router=router, max_iters=max_iters, fraction=fraction)
         cfg = config_for(method, **opts)
         calibration = None
         if cfg.needs_calibration:
             from .calibration import Calibration
 
-            calibration = Calibration(source=calib, samples=samples, seq_len=seq_len, seed=seed)
+            calibration = Calibration(source=calib, samples=samples, seq_len=seq_len, seed=seed, sequential=not dense_feed)
         torch.manual_seed(seed)
         path = resolve_model_path(model)
         mcfg = load_config(path, trust_remote_code=trust_remote_code)
@@ -180,6 +187,12 @@ def convert(
             "parameters": {"dense": dense_params, "converted": api.count_parameters(converted)},
             "summary": summary,
         }
+        if "router_fidelity" in summary:
+            result["router_fidelity"] = {
+                "mean": summary["router_fidelity"],
+                "per_layer": [lay.get("router_fidelity", {}).get("overlap") for lay in summary.get("per_layer", [])],
+                "heldout_tokens": summary.get("calibration", {}).get("heldout_tokens"),
+            }
         if evaluate:
             ppl_res = _compare_ppl(converted, baseline, tok, [ppl], quick, dtype)
             converted.config.moeify["metrics"] = {"ppl": ppl_res}

@@ -36,6 +36,13 @@ def install_blocks(model: nn.Module, moeify_cfg: dict[str, Any]) -> None:
     for site, layer_cfg in zip(sites, layers):
         if layer_cfg is None:
             continue
+        if layer_cfg.get("kind") == "hierarchical":
+            from .hierarchical import HierarchicalExperts
+
+            if site.kind != "moe_block":
+                raise InputError(f"layer {site.layer}: the checkpoint plan is hierarchical but the model has no MoE block there; the config is corrupt.")
+            setattr(site.module, spec.experts, HierarchicalExperts(hidden, layer_cfg["experts"], act))
+            continue
         site.replace(MoEMLP(hidden, layer_cfg, act))
 
 
@@ -66,7 +73,23 @@ def _make_classes(model_type: str) -> tuple[type, type]:
     )
     AutoConfig.register(new_type, cfg_cls, exist_ok=True)
     AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
+    _share_weight_renamings(model_type, new_type)
     return cfg_cls, model_cls
+
+
+def _share_weight_renamings(model_type: str, new_type: str) -> None:
+    """Give moeify_<type> the base type's checkpoint key renamings, so save and reload agree.
+
+    transformers renames some modules when it saves MoE models (Mixtral's `mlp` is
+    written as `block_sparse_moe`) and undoes it on load, looked up by model_type.
+    """
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    except ImportError:  # an older transformers without conversion mappings
+        return
+    mapping = get_checkpoint_conversion_mapping(model_type)
+    if mapping:
+        register_checkpoint_conversion_mapping(new_type, mapping, overwrite=True)
 
 
 def classes_for(model_type: str) -> tuple[type, type]:

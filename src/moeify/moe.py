@@ -113,11 +113,15 @@ class AnalyticalRouter(nn.Module):
         self.gate_up = nn.Parameter(torch.zeros(2 * n, hidden_size))
         self.combine = nn.Parameter(torch.zeros(num_experts, n))
         self.absolute = bool(spec.get("absolute", False))
+        self.normalize = bool(spec.get("normalize", False))  # the reference code's unit-normalised input
         self.act_fn = activation(act)
         self.n = n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = x.float() @ self.gate_up.float().T
+        x = x.float()
+        if self.normalize:
+            x = F.normalize(x, dim=-1)
+        gu = x @ self.gate_up.float().T
         r = self.act_fn(gu[:, : self.n]) * gu[:, self.n :]
         if self.absolute:
             r = r.abs()

@@ -1,0 +1,378 @@
+"""CMoE (arXiv 2502.04416): activation-rate profiling, shared experts, balanced
+clustering by linear assignment, an analytical router (../shared/docs/methods.md §2).
+
+Per layer, on the MLP inputs X of the calibration tokens:
+
+1. h = act(X W_gate^T) * (X W_up^T); per token mark the K_a neurons with the largest
+   |h_i| ("real", the paper) or the reference code's cosine surrogate ("cosine").
+   Activation rate mu_i = share of tokens that mark neuron i.
+2. Shared expert: the S*m (+ remainder) neurons with the highest mu ("rate", the paper)
+   or the highest mean contribution |h_i| * ||W_down[:, i]|| ("contribution").
+3. Routed experts: balanced clustering of the remaining neurons into groups of exactly
+   m. Features: the binary mark columns ("marks", the paper: L2 = Hamming) or the
+   unit-normalised contribution columns ("contribution"). Initial centroids: the
+   routed neurons with the highest mu; assignment = a linear assignment problem with
+   each centroid repeated m times (scipy's Jonker-Volgenant); centroids = cluster
+   means; iterated until no assignment changes (max_iters; the reference stops after 1).
+4. Router, on the MLP restricted to a few neurons of each expert:
+   "representative" (paper): s_j = h_{R_j}(x), R_j = the member closest to the centroid;
+   "multi": s_j = sum_{i in R_j} |h_i(x)| ||W_down[:, i]|| over the r members with the
+   largest mean contribution (an estimate of ||E_j(x)|| from a sample of its neurons);
+   "fitted": the same features with weights fitted in closed form (ridge least squares
+   on the calibration tokens) to the true expert output norms ||E_j(x)||.
+5. Unit gates (the block is exact when every expert is active); gate="cmoe" adds the
+   paper's fine-tuning form g_j = 1 + softmax(s)_j u_j with u = 0.
+
+Variants bundle the choices: "paper" (real marking, rate, marks, iterated,
+representative router), "reference" (the public code: cosine marking, one
+assignment, |s| with unit-normalised rows and input) and "moeify" (the default:
+moeify's measured improvements; see README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import MethodConfig
+from ..errors import InputError
+from ..moe import GatedWeights, activation
+from ..plan import LayerPlan
+from .layout import Layout, check_layout_fits, parse_layout
+
+log = logging.getLogger("moeify")
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "paper": dict(marking="real", shared_by="rate", features="marks", max_iters=20, router="representative", absolute=False, normalize=False),
+    "reference": dict(marking="cosine", shared_by="rate", features="marks", max_iters=1, router="representative", absolute=True, normalize=True),
+    "moeify": dict(marking="real", shared_by="contribution", features="contribution", max_iters=20, router="fitted", absolute=True, normalize=False),
+}
+CHOICES = {
+    "marking": ("real", "cosine"),
+    "shared_by": ("rate", "contribution"),
+    "features": ("marks", "contribution"),
+    "router": ("representative", "multi", "fitted"),
+    "gate": ("unit", "cmoe"),
+}
+
+
+@dataclasses.dataclass
+class CMoEConfig(MethodConfig):
+    """CMoE conversion. layout 'SxAyEz' (or shared/active/experts); variant picks defaults for the rest."""
+
+    method = "cmoe"
+    needs_calibration = True
+
+    layout: str | None = None
+    shared: int | None = None
+    active: int | None = None
+    experts: int | None = None
+    variant: str = "moeify"
+    k_act: int = 10
+    marking: str | None = None
+    shared_by: str | None = None
+    features: str | None = None
+    max_iters: int | None = None
+    router: str | None = None
+    router_neurons: int = 8
+    absolute: bool | None = None
+    normalize: bool | None = None
+    ridge: float = 1e-3
+    gate: str = "unit"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise InputError(f"unknown CMoE variant {self.variant!r}; use one of {', '.join(VARIANTS)}.")
+        for k, v in VARIANTS[self.variant].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        for k, allowed in CHOICES.items():
+            if getattr(self, k) not in allowed:
+                raise InputError(f"{k} must be one of {', '.join(allowed)}; got {getattr(self, k)!r}.")
+        lay = parse_layout(self.layout, self.shared, self.active, self.experts)
+        self.layout, self.shared, self.active, self.experts = str(lay), lay.shared, lay.active, lay.experts
+        if int(self.k_act) != self.k_act or self.k_act < 1:
+            raise InputError(f"k_act (K_a, neurons marked per token) must be a positive integer, got {self.k_act}.")
+        if int(self.max_iters) != self.max_iters or self.max_iters < 1:
+            raise InputError(f"max_iters must be >= 1, got {self.max_iters}.")
+        if int(self.router_neurons) != self.router_neurons or self.router_neurons < 1:
+            raise InputError(f"router_neurons must be >= 1, got {self.router_neurons}.")
+
+    @property
+    def lay(self) -> Layout:
+        return Layout(self.shared, self.active, self.experts)
+
+    def check(self, intermediate_sizes: list[int]) -> None:
+        check_layout_fits(self.lay, intermediate_sizes)
+        for i, d_h in enumerate(intermediate_sizes):
+            if d_h and self.k_act > d_h:
+                raise InputError(f"layer {i}: K_a={self.k_act} marks more neurons than the {d_h} the MLP has.")
+
+    def plan_from_activations(self, w: GatedWeights, x: torch.Tensor, layer: int) -> "CalibratedPlan":
+        return plan_cmoe(w, x, self, layer)
+
+
+@dataclasses.dataclass
+class CalibratedPlan:
+    """What a calibrated method returns for one MLP."""
+
+    plan: LayerPlan
+    router_state: dict[str, torch.Tensor] | None
+    output: torch.Tensor | None = None  # F_moe(X) on the calibration tokens (saves a forward)
+    dense_output: torch.Tensor | None = None  # F(X)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    heldout: Any = None  # optional callable x -> (F_moe(x), fidelity dict), cheaper than the generic path
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def marking_scores(w: GatedWeights, x: torch.Tensor, h: torch.Tensor, marking: str) -> torch.Tensor:
+    if marking == "real":
+        return h.abs()
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    g = torch.nn.functional.normalize(w.gate.float(), dim=-1)
+    u = torch.nn.functional.normalize(w.up.float(), dim=-1)
+    return (activation(w.act)(xn @ g.T) * (xn @ u.T)).abs()
+
+
+def mark_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [T, k] of the k largest scores per token."""
+    return scores.topk(k, dim=-1, sorted=False).indices
+
+
+def activation_rates(marks: torch.Tensor, d_h: int) -> torch.Tensor:
+    return torch.bincount(marks.reshape(-1), minlength=d_h).double() / marks.shape[0]
+
+
+def order_desc(values: np.ndarray) -> np.ndarray:
+    """Indices by decreasing value, ties by increasing index (deterministic)."""
+    return np.lexsort((np.arange(values.size), -values))
+
+
+# --------------------------------------------------------------------------- balanced clustering
+
+
+def balanced_assignment(cost: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """Assign each of n items to a cluster, cluster j receiving exactly sizes[j] items, minimising total cost.
+
+    cost: [n, N] item-to-cluster costs with sum(sizes) == n. Solved exactly as a linear
+    assignment problem whose columns repeat cluster j sizes[j] times.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    n, N = cost.shape
+    if sum(sizes) != n or len(sizes) != N:
+        raise InputError(f"balanced assignment: sizes {sizes} do not add up to {n} items in {N} clusters.")
+    col_cluster = np.repeat(np.arange(N), sizes)
+    rows, cols = linear_sum_assignment(cost[:, col_cluster])
+    out = np.empty(n, dtype=np.int64)
+    out[rows] = col_cluster[cols]
+    return out
+
+
+def balanced_kmeans(feats: torch.Tensor, sizes: list[int], init: np.ndarray, max_iters: int) -> tuple[np.ndarray, torch.Tensor, int]:
+    """Balanced k-means of the rows of feats [n, T] (one row per neuron, L2).
+
+    Returns (assignment [n], centroids [N, T], iterations). init: indices of the N
+    items whose rows are the initial centroids. Stops when no assignment changes.
+    """
+    feats = feats.float().contiguous()
+    sq = (feats * feats).sum(1).double()  # |c_i|^2
+    cent = feats[torch.as_tensor(init)].clone()
+    size_t = torch.as_tensor(sizes, dtype=torch.float32)[:, None]
+    assign = None
+    it = 0
+    for it in range(1, max_iters + 1):
+        cost = sq[:, None] - 2.0 * (feats @ cent.T).double() + (cent * cent).sum(1).double()[None, :]
+        new = balanced_assignment(cost.numpy(), sizes)
+        if assign is not None and np.array_equal(new, assign):
+            break
+        assign = new
+        onehot = torch.zeros(len(sizes), feats.shape[0])
+        onehot[torch.as_tensor(assign), torch.arange(feats.shape[0])] = 1.0
+        cent = (onehot @ feats) / size_t
+    return assign, cent, it
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _hidden(w: GatedWeights, x: torch.Tensor) -> torch.Tensor:
+    """h [T, d_h] float32 with one fused gate/up matmul and in-place activation."""
+    d_h = w.intermediate_size
+    gu = x.float() @ torch.cat([w.gate, w.up]).float().T
+    h = activation(w.act)(gu[:, :d_h])
+    return h.mul_(gu[:, d_h:])
+
+
+@dataclasses.dataclass
+class _Parts:
+    """The MLP's output on tokens, split by expert (computed from h, no second gate/up pass)."""
+
+    shared: torch.Tensor  # [T, H]
+    experts: list[torch.Tensor]  # E_j(x), [T, H] each
+    norms: torch.Tensor  # ||E_j(x)|| [T, N]
+
+    def dense(self) -> torch.Tensor:
+        out = self.shared.clone()
+        for e in self.experts:
+            out += e
+        return out
+
+    def select(self, keep: torch.Tensor) -> torch.Tensor:
+        out = self.shared.clone()
+        for j, e in enumerate(self.experts):
+            out.addcmul_(keep[:, j : j + 1], e)
+        return out
+
+
+def _parts(h: torch.Tensor, down: torch.Tensor, shared: np.ndarray, experts: list[np.ndarray]) -> _Parts:
+    def part(idx):
+        i = torch.as_tensor(idx)
+        return h[:, i] @ down[:, i].T
+
+    sh = part(shared) if shared.size else h.new_zeros(h.shape[0], down.shape[0])
+    ex = [part(e) for e in experts]
+    return _Parts(sh, ex, torch.stack([e.norm(dim=-1) for e in ex], dim=-1))
+
+
+def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    sel = scores.topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(scores).scatter_(1, sel, 1.0)
+
+
+def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> CalibratedPlan:
+    d_h = w.intermediate_size
+    x = x.reshape(-1, w.hidden_size)
+    T = x.shape[0]
+    if T < 1:
+        raise InputError(f"layer {layer}: no calibration tokens reached this MLP.")
+    lay = cfg.lay
+    n_shared, sizes = lay.sizes(d_h)
+    N = len(sizes)
+    h = _hidden(w, x)
+    down = w.down.float()
+    down_norm = down.norm(dim=0)  # ||W_down[:, i]||
+    k_act = min(cfg.k_act, d_h)
+    if cfg.marking == "real":
+        contrib = h.abs()
+        marks = contrib.topk(k_act, dim=-1, sorted=False).indices
+    else:
+        marks = marking_scores(w, x, h, cfg.marking).topk(k_act, dim=-1, sorted=False).indices
+        contrib = h.abs()
+    contrib.mul_(down_norm)  # |h_i| ||d_i||
+    rate = activation_rates(marks, d_h).numpy()
+    mean_contrib = contrib.mean(0).double().numpy()
+    if not np.isfinite(mean_contrib).all():  # NaN/inf anywhere in h shows up in its column means
+        _check_out(h.new_full((1,), float("nan")), layer)
+
+    shared_key = rate if cfg.shared_by == "rate" else mean_contrib
+    tie = mean_contrib if cfg.shared_by == "rate" else rate
+    order = np.lexsort((np.arange(d_h), -tie, -shared_key))
+    shared = np.sort(order[:n_shared])
+    routed = order[n_shared:]  # by decreasing key: the first N are the initial centroids
+    info: dict[str, Any] = {"tokens": T}
+
+    if N == 0:
+        plan = LayerPlan(shared=shared, experts=[], top_k=0, gate="unit")
+        y = h @ down.T
+        _check_out(y, layer)
+        return CalibratedPlan(plan, None, y, y, info)
+
+    routed_t = torch.as_tensor(routed)
+    if cfg.features == "marks":
+        col = torch.full((d_h,), -1, dtype=torch.long)
+        col[routed_t] = torch.arange(routed.size)
+        feats = torch.zeros(routed.size, T)
+        tok = torch.arange(T)[:, None].expand_as(marks)
+        keep = col[marks] >= 0
+        feats[col[marks][keep], tok[keep]] = 1.0
+    else:
+        feats = torch.nn.functional.normalize(contrib[:, routed_t].T.contiguous(), dim=1)
+    del contrib
+    assign, cent, iters = balanced_kmeans(feats, sizes, np.arange(N), cfg.max_iters)
+    info["cluster_iterations"] = iters
+    experts = [np.sort(routed[assign == j]) for j in range(N)]
+
+    # router neurons
+    reps: list[np.ndarray] = []
+    if cfg.router == "representative":
+        dist = ((feats - cent[torch.as_tensor(assign)]) ** 2).sum(1).numpy()  # distance to own centroid
+        for j in range(N):
+            members = np.flatnonzero(assign == j)
+            best = members[np.lexsort((routed[members], dist[members]))[0]]
+            reps.append(np.array([routed[best]]))
+    else:
+        for e in experts:
+            r = min(cfg.router_neurons, e.size)
+            reps.append(e[order_desc(mean_contrib[e])[:r]])
+    del feats
+    rep_idx = np.concatenate(reps)
+    n_rep = rep_idx.size
+    owner = np.repeat(np.arange(N), [r.size for r in reps])
+    rep_t = torch.as_tensor(rep_idx)
+    combine = torch.zeros(N, n_rep)
+    if cfg.router == "representative":
+        combine[torch.arange(N), torch.arange(N)] = 1.0
+    else:
+        combine[torch.as_tensor(owner), torch.arange(n_rep)] = down_norm[rep_t]
+
+    parts = _parts(h, down, shared, experts)
+    dense_y = parts.dense()
+    _check_out(dense_y, layer)
+    if cfg.router == "fitted":
+        # closed-form ridge fit of ||E_j(x)|| on |h_i| ||d_i|| of expert j's router neurons
+        for j in range(N):
+            cols = torch.as_tensor(np.flatnonzero(owner == j))
+            Phi = (h[:, rep_t[cols]].abs() * down_norm[rep_t[cols]]).double()
+            A = Phi.T @ Phi
+            lam = cfg.ridge * A.diagonal().mean().clamp_min(1e-12)
+            coef = torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype), Phi.T @ parts.norms[:, j].double())
+            # the router scores |h_rep| @ combine^T, so weights on |h_i| ||d_i|| become coef_i ||d_i||
+            combine[j, cols] = coef.float() * down_norm[rep_t[cols]]
+
+    gate_rows, up_rows = w.gate.float()[rep_t], w.up.float()[rep_t]
+    if cfg.normalize:
+        gate_rows = torch.nn.functional.normalize(gate_rows, dim=-1)
+        up_rows = torch.nn.functional.normalize(up_rows, dim=-1)
+    router_state = {"gate_up": torch.cat([gate_rows, up_rows]).to(w.gate.dtype), "combine": combine}
+    router = {"type": "analytical", "neurons": int(n_rep), "absolute": bool(cfg.absolute), "normalize": bool(cfg.normalize)}
+    plan = LayerPlan(shared=shared, experts=experts, top_k=lay.active, router=router, gate=cfg.gate)
+
+    def scores_of(h_, x_):
+        """Router scores from h (the router is the MLP restricted to rep_idx)."""
+        if cfg.normalize:
+            xn = torch.nn.functional.normalize(x_.float(), dim=-1)
+            r = activation(w.act)(xn @ gate_rows.T) * (xn @ up_rows.T)
+        else:
+            r = h_[:, rep_t]
+        return (r.abs() if cfg.absolute else r) @ combine.T
+
+    y = parts.select(_keep(scores_of(h, x), lay.active))
+    info["calibration_error"] = float((dense_y - y).norm() / dense_y.norm().clamp_min(1e-30))
+    del h, parts
+
+    def heldout(xh: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        hh = _hidden(w, xh)
+        ph = _parts(hh, down, shared, experts)
+        F = ph.dense()
+        keep_r = _keep(scores_of(hh, xh), lay.active)
+        keep_o = _keep(ph.norms, lay.active)
+        yr, yo = ph.select(keep_r), ph.select(keep_o)
+        denom = F.norm().clamp_min(1e-30)
+        fid = {"overlap": float((keep_r * keep_o).sum(-1).mean() / lay.active), "tokens": int(xh.shape[0]),
+               "rel_error_router": float((F - yr).norm() / denom), "rel_error_oracle": float((F - yo).norm() / denom)}
+        return yr, fid
+
+    return CalibratedPlan(plan, router_state, y, dense_y, info, heldout)
+
+
+def _check_out(y: torch.Tensor, layer: int) -> None:
+    if not torch.isfinite(y).all():
+        raise InputError(f"layer {layer}: the MLP activations on the calibration tokens contain NaN or inf; "
+                         "check the model's weights and dtype (try --dtype float32).")

@@ -1,0 +1,82 @@
+"""Static structured pruning: keep the most active neurons, no routing.
+
+The "shared expert only" baseline every "X % active" claim must beat: at the same
+active MLP fraction, keep the neurons with the highest activation rate (top-K_a
+marking on |h|, as CMoE profiles them) or the highest mean contribution
+|h_i| * ||W_down[:, i]||, and drop the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import MethodConfig
+from ..errors import InputError
+from ..moe import GatedWeights
+from ..plan import LayerPlan
+from .cmoe import CalibratedPlan, _check_out, _hidden, activation_rates
+from .layout import check_layout_fits, parse_layout
+
+
+@dataclasses.dataclass
+class PruneConfig(MethodConfig):
+    """Keep `fraction` of each MLP's neurons (or the active fraction of a layout such as S1A3E8)."""
+
+    method = "prune"
+    needs_calibration = True
+    allow_missing = True
+
+    fraction: float | None = None
+    layout: str | None = None
+    shared: int | None = None
+    active: int | None = None
+    experts: int | None = None
+    k_act: int = 10
+    score: str = "rate"
+
+    def __post_init__(self) -> None:
+        if self.fraction is None:
+            lay = parse_layout(self.layout, self.shared, self.active, self.experts, default="S1A1E2")
+            self.layout, self.fraction = str(lay), lay.active_fraction
+        self.fraction = float(self.fraction)
+        if not 0.0 < self.fraction <= 1.0:
+            raise InputError(f"prune fraction (share of MLP neurons kept) must be in (0, 1]; got {self.fraction}.")
+        if self.score not in ("rate", "contribution"):
+            raise InputError(f"score must be 'rate' or 'contribution'; got {self.score!r}.")
+        if int(self.k_act) != self.k_act or self.k_act < 1:
+            raise InputError(f"k_act must be a positive integer, got {self.k_act}.")
+
+    def check(self, intermediate_sizes: list[int]) -> None:
+        if self.layout:
+            check_layout_fits(parse_layout(self.layout), intermediate_sizes)
+        for i, d_h in enumerate(intermediate_sizes):
+            if d_h and round(self.fraction * d_h) < 1:
+                raise InputError(f"layer {i}: keeping {self.fraction:.3f} of {d_h} neurons keeps none; raise the fraction.")
+
+    def plan_from_activations(self, w: GatedWeights, x: torch.Tensor, layer: int) -> CalibratedPlan:
+        d_h = w.intermediate_size
+        h = _hidden(w, x.reshape(-1, w.hidden_size))
+        down = w.down.float()
+        dense_y = h @ down.T
+        _check_out(dense_y, layer)
+        a = h.abs()
+        rate = activation_rates(a.topk(min(self.k_act, d_h), dim=-1, sorted=False).indices, d_h).numpy()
+        contrib = (a.mul_(down.norm(dim=0))).mean(0).double().numpy()
+        key, tie = (rate, contrib) if self.score == "rate" else (contrib, rate)
+        n_keep = max(1, int(round(self.fraction * d_h)))
+        kept = np.sort(np.lexsort((np.arange(d_h), -tie, -key))[:n_keep])
+        kt = torch.as_tensor(kept)
+        y = h[:, kt] @ down[:, kt].T
+        info: dict[str, Any] = {"tokens": int(h.shape[0]),
+                                "calibration_error": float((dense_y - y).norm() / dense_y.norm().clamp_min(1e-30))}
+
+        def heldout(xh: torch.Tensor):
+            hh = _hidden(w, xh)
+            F, yh = hh @ down.T, hh[:, kt] @ down[:, kt].T
+            return yh, {"rel_error_router": float((F - yh).norm() / F.norm().clamp_min(1e-30)), "tokens": int(xh.shape[0])}
+
+        return CalibratedPlan(LayerPlan(shared=kept, experts=[], top_k=0), None, y, dense_y, info, heldout)

@@ -1,0 +1,248 @@
+"""CMoE and the calibration pipeline on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import moeify
+from moeify.errors import InputError
+from moeify.hierarchical import HierarchicalExperts
+from moeify.methods.cmoe import CMoEConfig, balanced_assignment, balanced_kmeans, plan_cmoe
+from moeify.methods.layout import parse_layout
+from moeify.moe import GatedWeights
+
+from .conftest import DENSE_ARCHS, MOE_ARCHS, tiny_model
+
+
+def _ids(n=4, L=48, seed=0):
+    return torch.randint(0, 128, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _cal(n=4, L=48):
+    return moeify.Calibration.from_windows(_ids(n, L), _ids(1, L, seed=9), batch_size=2)
+
+
+def _weights(d_h=100, H=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return GatedWeights(torch.randn(d_h, H, generator=g), torch.randn(d_h, H, generator=g), torch.randn(H, d_h, generator=g) / 10, "silu")
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference", "moeify"])
+@pytest.mark.parametrize("layout,d_h", [("S3A3E8", 100), ("S1A3E8", 96), ("S0A2E7", 101), ("S2A6E16", 130)])
+def test_partition_covers_every_neuron_once_with_requested_sizes(variant, layout, d_h):
+    w = _weights(d_h)
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
+    cfg = CMoEConfig(layout=layout, variant=variant)
+    res = plan_cmoe(w, x, cfg, 0)
+    p = res.plan
+    ids = np.concatenate([p.shared, *p.experts])
+    assert np.array_equal(np.sort(ids), np.arange(d_h))
+    lay = parse_layout(layout)
+    m = d_h // lay.experts
+    assert len(p.experts) == lay.experts - lay.shared
+    if lay.shared:
+        assert p.shared.size == lay.shared * m + d_h % lay.experts
+        assert p.expert_sizes == [m] * lay.routed
+    else:
+        assert sorted(p.expert_sizes, reverse=True) == [m + (j < d_h % lay.experts) for j in range(lay.routed)]
+    assert p.top_k == lay.active
+
+
+@pytest.mark.parametrize("sizes", [[2, 2, 2], [3, 2, 1], [1, 1, 1, 1, 1, 1]])
+def test_balanced_assignment_is_optimal_by_brute_force(sizes):
+    rng = np.random.default_rng(sum(sizes) * 7 + len(sizes))
+    n = sum(sizes)
+    for _ in range(5):
+        cost = rng.random((n, len(sizes)))
+        got = balanced_assignment(cost, sizes)
+        assert np.bincount(got, minlength=len(sizes)).tolist() == sizes
+        best = min(
+            sum(cost[i, labels[i]] for i in range(n))
+            for labels in set(itertools.permutations(np.repeat(np.arange(len(sizes)), sizes)))
+        )
+        assert sum(cost[i, got[i]] for i in range(n)) == pytest.approx(best)
+
+
+def test_balanced_kmeans_recovers_planted_clusters():
+    # three groups of neurons that fire on disjoint token sets
+    T, per = 90, 4
+    feats = torch.zeros(T, 3 * per)
+    for c in range(3):
+        feats[c * 30 : (c + 1) * 30, c * per : (c + 1) * per] = 1.0
+    perm = torch.randperm(3 * per, generator=torch.Generator().manual_seed(0))
+    feats = feats[:, perm]
+    init = np.array([int((perm == c * per).nonzero()) for c in range(3)])
+    assign, _, iters = balanced_kmeans(feats.T, [per] * 3, init, 10)
+    groups = {tuple(sorted(np.flatnonzero(assign == j))) for j in range(3)}
+    truth = {tuple(sorted(int((perm == c * per + i).nonzero()) for i in range(per))) for c in range(3)}
+    assert groups == truth
+    assert iters >= 1
+
+
+@pytest.mark.parametrize("arch", DENSE_ARCHS)
+def test_cmoe_all_experts_active_is_exact(arch):
+    model = tiny_model(arch)
+    ids = _ids(2, 16, seed=3)
+    ref = model(ids).logits
+    conv = moeify.convert(copy.deepcopy(model), CMoEConfig(layout="S2A6E8"), calibration=_cal(), progress=False)
+    torch.testing.assert_close(conv(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    part = moeify.convert(copy.deepcopy(model), CMoEConfig(layout="S1A1E8"), calibration=_cal(), progress=False)
+    assert (part(ids).logits - ref).abs().max() > 1e-4  # routing really drops experts
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_hierarchical_conversion_of_moe_models(arch, tmp_path):
+    model = tiny_model(arch)
+    ids = _ids(2, 16, seed=3)
+    ref = model(ids).logits
+    conv = moeify.convert(copy.deepcopy(model), CMoEConfig(layout="S1A3E4"), calibration=_cal(), progress=False)
+    torch.testing.assert_close(conv(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    part = moeify.convert(copy.deepcopy(model), CMoEConfig(layout="S1A1E4"), calibration=_cal(), progress=False)
+    out = part(ids).logits
+    assert (out - ref).abs().max() > 1e-5
+    layers = part.config.moeify["layers"]
+    assert all(lc is None or lc["kind"] == "hierarchical" for lc in layers) and any(layers)
+    part.save_pretrained(tmp_path / "h")
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    assert isinstance(back.model.layers[0].mlp.experts, HierarchicalExperts)
+    torch.testing.assert_close(back(ids).logits, out, atol=1e-6, rtol=1e-5)  # fused-router kernels differ by an ulp
+
+
+def test_same_seed_same_plan_and_weights():
+    model = tiny_model("llama")
+    a = moeify.convert(copy.deepcopy(model), CMoEConfig(layout="S1A2E6"), calibration=_cal(), progress=False)
+    b = moeify.convert(copy.deepcopy(model), CMoEConfig(layout="S1A2E6"), calibration=_cal(), progress=False)
+    assert a.config.moeify["layers"] == b.config.moeify["layers"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_saved_cmoe_reloads_with_identical_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = moeify.convert(tiny_model("qwen2"), CMoEConfig(layout="S1A3E8", variant="paper"), calibration=_cal(), progress=False)
+    ids = _ids(2, 16, seed=5)
+    out = model(ids).logits
+    model.save_pretrained(tmp_path / "c")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    torch.testing.assert_close(back(ids).logits, out, atol=0, rtol=0)
+    assert back.config.moeify["method"] == "cmoe"
+    assert back.config.moeify["config"]["_data"]["layout"] == "S1A3E8"
+
+
+def test_sequential_and_dense_feeding_differ_only_after_layer_zero():
+    model = tiny_model("llama")
+    seq = moeify.convert(copy.deepcopy(model), CMoEConfig(layout="S1A1E8"), calibration=_cal(), progress=False)
+    cal = _cal()
+    cal.sequential = False
+    dense = moeify.convert(copy.deepcopy(model), CMoEConfig(layout="S1A1E8"), calibration=cal, progress=False)
+    sl, dl = seq.config.moeify["summary"]["per_layer"], dense.config.moeify["summary"]["per_layer"]
+    assert sl[0]["calibration_error"] == dl[0]["calibration_error"]
+    assert sl[1]["calibration_error"] != dl[1]["calibration_error"]
+
+
+def test_convert_reports_router_fidelity_on_heldout_tokens():
+    conv = moeify.convert(tiny_model("llama"), CMoEConfig(layout="S1A2E8"), calibration=_cal(), progress=False)
+    s = conv.config.moeify["summary"]
+    per = [lay["router_fidelity"]["overlap"] for lay in s["per_layer"]]
+    assert all(0.0 <= f <= 1.0 for f in per)
+    assert s["router_fidelity"] == pytest.approx(sum(per) / len(per))
+    assert s["calibration"]["heldout_tokens"] == 48
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(layout="S5A4E8"), "active routed experts"),
+        (dict(layout="S9A1E8"), "more shared"),
+        (dict(layout="3-3-8"), "SxAyEz"),
+        (dict(layout="S1A1E8", k_act=0), "k_act"),
+        (dict(layout="S1A1E8", variant="fast"), "variant"),
+        (dict(layout="S1A1E8", router="magic"), "router must be"),
+    ],
+)
+def test_bad_settings_fail_with_a_clear_message(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        CMoEConfig(**kwargs)
+
+
+def test_more_experts_than_neurons_fails_before_calibration():
+    with pytest.raises(InputError, match="do not fit"):
+        moeify.convert(tiny_model("llama", intermediate=96), CMoEConfig(layout="S1A1E128"), calibration=_cal(), progress=False)
+
+
+def test_nan_activations_name_the_layer():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate_proj.weight[0, 0] = float("nan")
+    with pytest.raises(InputError, match="layer 1"):
+        moeify.convert(model, CMoEConfig(layout="S1A1E8"), calibration=_cal(), progress=False)
+
+
+def test_too_short_calibration_text_fails_before_model_work(tmp_path, tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3 w4 w5")
+    cal = moeify.Calibration(source=str(short), samples=2, seq_len=32)
+    with pytest.raises(InputError, match="need at least 33"):
+        cal.validate(tok)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(InputError, match="empty"):
+        moeify.Calibration(source=str(empty)).validate(tok)
+
+
+def test_calibrated_method_without_calibration_is_refused():
+    with pytest.raises(InputError, match="needs calibration"):
+        moeify.convert(tiny_model("llama"), CMoEConfig(layout="S1A1E8"), progress=False)
+
+
+def test_heldout_windows_never_overlap_calibration_windows():
+    from moeify.calibration import heldout_from
+
+    ids = torch.arange(1000)
+    starts = [0, 300, 310, 700]
+    held = heldout_from(ids, starts, 100, 150, 50)
+    assert held is not None and held.numel() == 150
+    cal = set()
+    for s in starts:
+        cal.update(range(s, s + 100))
+    assert not cal & set(held.reshape(-1).tolist())
+
+
+def test_prune_keeps_the_most_active_neurons():
+    from moeify.methods.prune import PruneConfig
+
+    w = _weights(96)
+    x = torch.randn(400, 32, generator=torch.Generator().manual_seed(2))
+    res = PruneConfig(layout="S1A3E8").plan_from_activations(w, x, 0)
+    kept = res.plan.shared
+    assert kept.size == 48 and res.plan.experts == []
+    h = torch.nn.functional.silu(x @ w.gate.T) * (x @ w.up.T)
+    counts = torch.zeros(96)
+    for row in h.abs().topk(10, dim=-1).indices:
+        counts[row] += 1
+    order = sorted(range(96), key=lambda i: -counts[i].item())
+    assert counts[kept].min() >= counts[order[47]]  # nothing kept is less active than the 48th most active
+    y = h[:, torch.as_tensor(kept)] @ w.down[:, torch.as_tensor(kept)].T
+    torch.testing.assert_close(res.output, y, atol=1e-4, rtol=1e-4)
+
+
+def test_prune_converts_and_removes_neurons():
+    from moeify.methods.prune import PruneConfig
+
+    conv = moeify.convert(tiny_model("llama"), PruneConfig(fraction=0.5), calibration=_cal(), progress=False)
+    s = conv.config.moeify["summary"]
+    assert s["active_mlp_fraction"] == pytest.approx(0.5) and s["mlp_params_removed_fraction"] == pytest.approx(0.5)
+    assert conv.model.layers[0].mlp.shared_size == 48
