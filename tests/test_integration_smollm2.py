@@ -69,3 +69,31 @@ def test_austen_perplexity_of_exact_conversion_matches_dense(smollm2):
     r = compare_perplexity(conv, dense, windows)
     assert 10 < r["baseline"] < 80  # real English prose, not noise
     assert abs(r["ratio"] - 1) < 5e-4
+
+
+def test_cmoe_on_smollm2_routes_better_than_chance_and_beats_pruning(smollm2, tmp_path):
+    """A short calibration (4 x 512 Austen tokens) through the real pipeline; 2 x 512 held-out tokens."""
+    import copy
+
+    from moeify.eval.perplexity import perplexity
+    from moeify.methods.prune import PruneConfig
+    from moeify.texts import perplexity_windows
+
+    dense, tok = smollm2
+    cal = moeify.Calibration(source="austen", samples=4, seq_len=512, seed=0, heldout_tokens=1024)
+    conv = moeify.convert(copy.deepcopy(dense), moeify.CMoEConfig(layout="S1A3E8"), calibration=cal, tokenizer=tok, progress=False)
+    s = conv.config.moeify["summary"]
+    assert s["active_mlp_fraction"] == pytest.approx(0.5)
+    per = [lay["router_fidelity"]["overlap"] for lay in s["per_layer"]]
+    assert len(per) == 30
+    assert s["router_fidelity"] > 3 / 7 + 0.1  # a random top-3 of 7 routed experts overlaps 3/7 on average
+    assert s["heldout_rel_error_router"] < 1.0
+    pruned = moeify.convert(copy.deepcopy(dense), PruneConfig(layout="S1A3E8"), calibration=cal, tokenizer=tok, progress=False)
+    windows = perplexity_windows(tok, source="austen", quick=True)[:2, :512]
+    p_dense = perplexity(dense, windows, progress=False)["ppl"]
+    p_cmoe = perplexity(conv, windows, progress=False)["ppl"]
+    p_prune = perplexity(pruned, windows, progress=False)["ppl"]
+    assert p_dense < p_cmoe < p_prune
+    path = conv.save_pretrained(tmp_path / "cmoe")
+    re = AutoModelForCausalLM.from_pretrained(path)
+    assert perplexity(re, windows, progress=False)["ppl"] == pytest.approx(p_cmoe, rel=1e-6)

@@ -49,7 +49,7 @@ log = logging.getLogger("moeify")
 VARIANTS: dict[str, dict[str, Any]] = {
     "paper": dict(marking="real", shared_by="rate", features="marks", max_iters=20, router="representative", absolute=False, normalize=False),
     "reference": dict(marking="cosine", shared_by="rate", features="marks", max_iters=1, router="representative", absolute=True, normalize=True),
-    "moeify": dict(marking="real", shared_by="contribution", features="contribution", max_iters=20, router="fitted", absolute=True, normalize=False),
+    "moeify": dict(marking="real", shared_by="contribution", features="contribution", max_iters=4, router="fitted", absolute=True, normalize=False),
 }
 CHOICES = {
     "marking": ("real", "cosine"),
