@@ -53,19 +53,30 @@ def test_partition_covers_every_neuron_once_with_requested_sizes(variant, layout
     assert p.top_k == lay.active
 
 
-@pytest.mark.parametrize("sizes", [[2, 2, 2], [3, 2, 1], [1, 1, 1, 1, 1, 1]])
-def test_balanced_assignment_is_optimal_by_brute_force(sizes):
+@pytest.mark.parametrize("solver", ["paths", "scipy"])
+@pytest.mark.parametrize("sizes", [[2, 2, 2], [3, 2, 1], [1, 1, 1, 1, 1, 1], [4, 3]])
+def test_balanced_assignment_is_optimal_by_brute_force(sizes, solver):
     rng = np.random.default_rng(sum(sizes) * 7 + len(sizes))
     n = sum(sizes)
-    for _ in range(5):
-        cost = rng.random((n, len(sizes)))
-        got = balanced_assignment(cost, sizes)
+    for trial in range(6):
+        cost = rng.random((n, len(sizes))) if trial % 2 else rng.integers(0, 3, (n, len(sizes))).astype(float)  # ties too
+        got = balanced_assignment(cost, sizes, solver)
         assert np.bincount(got, minlength=len(sizes)).tolist() == sizes
         best = min(
             sum(cost[i, labels[i]] for i in range(n))
             for labels in set(itertools.permutations(np.repeat(np.arange(len(sizes)), sizes)))
         )
         assert sum(cost[i, got[i]] for i in range(n)) == pytest.approx(best)
+
+
+def test_shortest_path_solver_matches_scipy_on_larger_problems():
+    rng = np.random.default_rng(5)
+    for n, sizes in [(60, [20, 20, 20]), (97, [13] * 7 + [6]), (128, [8] * 16)]:
+        cost = rng.random((n, len(sizes))) ** 3
+        a = balanced_assignment(cost, sizes, "paths")
+        b = balanced_assignment(cost, sizes, "scipy")
+        assert np.bincount(a, minlength=len(sizes)).tolist() == sizes
+        assert cost[np.arange(n), a].sum() == pytest.approx(cost[np.arange(n), b].sum(), abs=1e-9)
 
 
 def test_balanced_kmeans_recovers_planted_clusters():
@@ -246,3 +257,65 @@ def test_prune_converts_and_removes_neurons():
     s = conv.config.moeify["summary"]
     assert s["active_mlp_fraction"] == pytest.approx(0.5) and s["mlp_params_removed_fraction"] == pytest.approx(0.5)
     assert conv.model.layers[0].mlp.shared_size == 48
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference", "moeify"])
+@pytest.mark.parametrize("layout", ["S1A2E8", "S0A3E6"])
+def test_block_computes_what_the_calibration_pass_predicted(variant, layout):
+    """The next layer is fed from the plan's own output; the saved block must compute exactly that."""
+    from moeify.moe import MoEMLP
+
+    w = _weights(96)
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(4))
+    res = plan_cmoe(w, x, CMoEConfig(layout=layout, variant=variant), 0)
+    block = MoEMLP.from_dense(w, res.plan, res.router_state, res.block_state)
+    torch.testing.assert_close(block(x), res.output, atol=2e-4, rtol=1e-4)
+    xh = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
+    yh, fid = res.heldout(xh)
+    torch.testing.assert_close(block(xh), yh, atol=2e-4, rtol=1e-4)
+    assert 0.0 <= fid["overlap"] <= 1.0
+
+
+def test_dropped_expert_compensation_is_the_mean_of_unselected_outputs():
+    from moeify.moe import MoEMLP
+
+    w = _weights(64)
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(6))
+    res = plan_cmoe(w, x, CMoEConfig(layout="S1A1E4", variant="moeify"), 0)
+    block = MoEMLP.from_dense(w, res.plan, res.router_state, res.block_state)
+    _, idx, _ = block.route(x)
+    for j in range(block.num_experts):
+        unsel = ~(idx == j).any(-1)
+        expected = block.expert_forward(x[unsel], j).mean(0)
+        torch.testing.assert_close(block.dropped_bias[j], expected, atol=1e-5, rtol=1e-4)
+    # and it changes nothing when every expert is active
+    full = plan_cmoe(w, x, CMoEConfig(layout="S1A3E4", variant="moeify"), 0)
+    assert full.block_state is None and not full.plan.compensate
+
+
+def test_hierarchical_conversion_of_a_moeify_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moeify.hierarchical import HierarchicalMoEMLP
+
+    ids = _ids(2, 16, seed=3)
+    dense = tiny_model("llama")
+    ref = dense(ids).logits
+    b4 = moeify.convert(copy.deepcopy(dense), moeify.MLPMoEConfig(branches=4), progress=False)
+    b4.save_pretrained(tmp_path / "b4")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "b4")
+    exact = moeify.convert(copy.deepcopy(loaded), CMoEConfig(layout="S1A3E4"), calibration=_cal(), progress=False)
+    assert isinstance(exact.model.layers[0].mlp, HierarchicalMoEMLP)
+    torch.testing.assert_close(exact(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    half = moeify.convert(loaded, CMoEConfig(layout="S1A1E4"), calibration=_cal(), progress=False)
+    out = half(ids).logits
+    assert (out - ref).abs().max() > 1e-4
+    m = half.config.moeify
+    assert m["summary"]["active_mlp_fraction"] == pytest.approx(0.5)  # every branch keeps 2 of its 4 sub-experts
+    assert m["provenance"]["converted_from"]["method"] == "mlpmoe"
+    half.save_pretrained(tmp_path / "h")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    assert isinstance(back.model.layers[1].mlp, HierarchicalMoEMLP)
+    torch.testing.assert_close(back(ids).logits, out, atol=0, rtol=0)
+    with pytest.raises(InputError, match="already hierarchical"):
+        moeify.convert(back, CMoEConfig(layout="S1A1E4"), calibration=_cal(), progress=False)

@@ -88,6 +88,9 @@ def convert(
     summary["seconds"] = seconds
     summary.update(extra)
     origin = getattr(model, "_moeify_origin", None) or getattr(model, "name_or_path", None)
+    previous = getattr(model.config, "moeify", None)  # converting a moeify model again (hierarchically)
+    if isinstance(previous, dict):
+        origin = (previous.get("provenance") or {}).get("base_model") or origin
     moeify_cfg = {
         "method": config.method,
         "config": config.to_dict(),
@@ -99,6 +102,7 @@ def convert(
             "torch_version": torch.__version__,
             "transformers_version": __import__("transformers").__version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **({"converted_from": {"method": previous.get("method"), "config": previous.get("config")}} if isinstance(previous, dict) else {}),
         },
     }
     tok = tokenizer if tokenizer is not None else getattr(model, "_moeify_tokenizer", None)
@@ -117,6 +121,12 @@ def _site_intermediate_size(site, spec, act, hierarchical: bool) -> int:
         return dense_weights(site.module, spec, act).intermediate_size
     if site.kind == "moe_block" and hierarchical:
         return expert_weights(site.module, spec, act)[0].intermediate_size
+    if site.kind == "moeify" and hierarchical:
+        from .hierarchical import HierarchicalMoEMLP
+
+        if isinstance(site.module, HierarchicalMoEMLP):
+            raise InputError(f"layer {site.layer}: this block is already hierarchical; convert the original model instead.")
+        return site.module.shared_size + site.module.routed_size
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Hierarchical conversion of MoE models (Mixtral, Qwen2-MoE/Qwen3-MoE, OLMoE).
+"""Hierarchical conversion of MoE models (Mixtral, Qwen2-MoE/Qwen3-MoE, OLMoE) and of
+moeify's own converted blocks.
 
 The model's own router stays as it is; its fused experts module (called as
 experts(x, top_k_index, top_k_weights)) is replaced by `HierarchicalExperts`, in
@@ -22,20 +23,36 @@ from .plan import LayerPlan
 
 @dataclass
 class HierarchicalPlan:
-    """One LayerPlan per expert of an MoE block."""
+    """One LayerPlan per expert of an MoE block.
+
+    For a model's own MoE block the counts are per selected expert (relative to one
+    expert's size). For a moeify block (`outer` set) they include its shared expert and
+    its top-k routed experts, relative to the whole MLP.
+    """
 
     experts: list[LayerPlan]
+    outer: dict[str, Any] | None = None  # the moeify block's own layer config
 
     def to_config(self) -> dict[str, Any]:
-        return {"kind": "hierarchical", "experts": [p.to_config() for p in self.experts]}
+        cfg = {"kind": "hierarchical", "experts": [p.to_config() for p in self.experts]}
+        if self.outer is not None:
+            cfg["outer"] = dict(self.outer)
+        return cfg
+
+    def _per_token(self, values: list[float]) -> float:
+        mean = sum(values) / len(values)
+        if self.outer is None:
+            return float(mean)
+        return float(self.outer["shared"] + self.outer["top_k"] * mean)
 
     def active_neurons_per_token(self) -> float:
-        """Per selected top-level expert, averaged over experts."""
-        return float(sum(p.active_neurons_per_token() for p in self.experts) / len(self.experts))
+        return self._per_token([p.active_neurons_per_token() for p in self.experts])
 
     @property
     def num_neurons(self) -> float:
-        return float(sum(p.num_neurons for p in self.experts) / len(self.experts))
+        if self.outer is None:
+            return float(sum(p.num_neurons for p in self.experts) / len(self.experts))
+        return float(self.outer["shared"] + sum(p.num_neurons for p in self.experts))
 
 
 class HierarchicalExperts(nn.Module):
@@ -67,6 +84,76 @@ class HierarchicalExperts(nn.Module):
         return out.to(hidden_states.dtype).reshape(hidden_states.shape)
 
 
+class HierarchicalMoEMLP(MoEMLP):
+    """A moeify block whose routed experts are themselves MoE blocks.
+
+    The outer block keeps its shared expert, router, scales and compensation; its routed
+    weights live in `sub` (a HierarchicalExperts), which runs expert e's sub-MoE on the
+    tokens the outer router sent to e.
+    """
+
+    def __init__(self, hidden_size: int, layer_config: dict[str, Any], act: str):
+        outer = dict(layer_config["outer"])
+        sizes = outer["experts"]
+        super().__init__(hidden_size, {**outer, "experts": [0] * len(sizes)}, act)
+        self.expert_sizes = list(sizes)
+        self.sub = HierarchicalExperts(hidden_size, layer_config["experts"], act)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        out = torch.zeros(x.shape[0], self.hidden_size, dtype=acc, device=x.device)
+        if self.shared_size:
+            out += self._shared(x).to(acc)
+        if self.all_active() and self.gate_u is None:
+            idx = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
+            w = self.expert_scale.float().expand(x.shape[0], -1)
+        else:
+            _, idx, w = self.route(x)
+        out += self.sub(x, idx, w).to(acc)
+        if self.dropped_bias is not None and not self.all_active():
+            b = self.dropped_bias.to(acc)
+            out += b.sum(0) - b[idx].sum(1)
+        return out.to(hidden_states.dtype).reshape(shape)
+
+
+def moeify_expert_weights(block: MoEMLP) -> list[GatedWeights]:
+    """Views of each routed expert of a moeify block as a dense gated MLP."""
+    out = []
+    for e in range(block.num_experts):
+        o0, o1 = block.offsets[e], block.offsets[e + 1]
+        m = o1 - o0
+        gu = block.gate_up.detach()[2 * o0 : 2 * o1]
+        out.append(GatedWeights(gate=gu[:m], up=gu[m:], down=block.down.detach()[o0:o1].T, act=block.act))
+    return out
+
+
+@torch.no_grad()
+def convert_moeify_block(block: MoEMLP, x: torch.Tensor, config, layer: int):
+    """Turn every routed expert of a moeify block into a sub-MoE planned on its own tokens."""
+    if isinstance(block, HierarchicalMoEMLP):
+        raise InputError(f"layer {layer}: this block is already hierarchical; convert the original model instead.")
+    if block.num_experts == 0:
+        raise InputError(f"layer {layer}: this moeify block has no routed experts to split further.")
+    if block.all_active() and block.gate_u is None:
+        idx = torch.arange(block.num_experts).expand(x.shape[0], -1)
+        w = block.expert_scale.float().expand(x.shape[0], -1)
+    else:
+        _, idx, w = block.route(x)
+    hier, hplan, stats = convert_moe_block(None, moeify_expert_weights(block), [(x, idx, w)], config, layer)
+    outer = dict(block.layer_config)
+    outer.pop("kind", None)
+    new = HierarchicalMoEMLP(block.hidden_size, {"outer": outer, "experts": [p.to_config() for p in hplan.experts]}, block.act)
+    state = {k: v for k, v in block.state_dict().items() if not k.startswith(("gate_up", "down", "routed_index"))}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("sub.") and k not in ("gate_up", "down", "routed_index") for k in missing):
+        raise InputError(f"layer {layer}: could not carry the block's parameters over ({unexpected or missing}).")
+    new.sub = hier
+    new.to(device=x.device, dtype=block.shared_gate_up.dtype)
+    return new, HierarchicalPlan(hplan.experts, outer), stats
+
+
 def convert_moe_block(experts_mod: nn.Module, weights: list[GatedWeights], captured: list[tuple], config, layer: int):
     """Plan and build HierarchicalExperts from captured (x, top_k_index, top_k_weights) calls."""
     x = torch.cat([c[0] for c in captured])
@@ -89,8 +176,8 @@ def convert_moe_block(experts_mod: nn.Module, weights: list[GatedWeights], captu
         if "calibration_error" in res.info:
             errs.append(res.info["calibration_error"])
     hier = HierarchicalExperts(weights[0].hidden_size, [p.to_config() for p in plans], weights[0].act)
-    for blk, (w, res) in zip(hier.blocks, blocks):
-        blk.load_plan(w, res.plan, res.router_state)
+    for i, (w, res) in enumerate(blocks):
+        hier.blocks[i] = MoEMLP.from_dense(w, res.plan, res.router_state, res.block_state)
     hier.to(dtype=weights[0].gate.dtype)
     stats = {"kind": "hierarchical", "experts_converted": len(plans), "tokens_per_expert": routed_tokens,
              "shared": int(plans[0].shared.size), "experts": plans[0].expert_sizes, "top_k": plans[0].top_k}

@@ -36,6 +36,11 @@ def install_blocks(model: nn.Module, moeify_cfg: dict[str, Any]) -> None:
     for site, layer_cfg in zip(sites, layers):
         if layer_cfg is None:
             continue
+        if layer_cfg.get("kind") == "hierarchical" and "outer" in layer_cfg:
+            from .hierarchical import HierarchicalMoEMLP
+
+            site.replace(HierarchicalMoEMLP(hidden, layer_cfg, act))
+            continue
         if layer_cfg.get("kind") == "hierarchical":
             from .hierarchical import HierarchicalExperts
 

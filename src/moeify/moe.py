@@ -187,6 +187,8 @@ class MoEMLP(nn.Module):
         self.expert_scale = nn.Parameter(torch.ones(self.num_experts))
         self.gate_mode = layer_config.get("gate", "unit")
         self.gate_u = nn.Parameter(torch.zeros(self.num_experts)) if self.gate_mode == "cmoe" else None
+        # mean output of each expert on the calibration tokens that did not select it; added for unselected experts
+        self.dropped_bias = nn.Parameter(torch.zeros(self.num_experts, hidden_size)) if layer_config.get("compensate") else None
         self.register_buffer("selection_bias", torch.zeros(self.num_experts))
         self.register_buffer("shared_index", torch.zeros(shared, dtype=torch.long))
         self.register_buffer("routed_index", torch.zeros(routed, dtype=torch.long))
@@ -210,9 +212,15 @@ class MoEMLP(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_dense(cls, weights: GatedWeights, plan: LayerPlan, router_state: dict[str, torch.Tensor] | None = None) -> "MoEMLP":
+    def from_dense(cls, weights: GatedWeights, plan: LayerPlan, router_state: dict[str, torch.Tensor] | None = None,
+                   block_state: dict[str, torch.Tensor] | None = None) -> "MoEMLP":
         block = cls(weights.hidden_size, plan.to_config(), weights.act)
         block.load_plan(weights, plan, router_state)
+        for name, value in (block_state or {}).items():
+            param = getattr(block, name, None)
+            if not isinstance(param, nn.Parameter) or param.shape != value.shape:
+                raise InputError(f"block has no parameter {name!r} of shape {tuple(value.shape)}")
+            param.data = value.to(device=weights.gate.device, dtype=weights.gate.dtype)
         return block
 
     @torch.no_grad()
@@ -318,6 +326,9 @@ class MoEMLP(nn.Module):
             else:
                 _, idx, w = self.route(x)
                 self._grouped_routed(x, idx, w, out)
+                if self.dropped_bias is not None:
+                    b = self.dropped_bias.to(acc_dtype)
+                    out += b.sum(0) - b[idx].sum(1)
         return out.to(hidden_states.dtype).reshape(shape)
 
     def extra_repr(self) -> str:

@@ -42,6 +42,7 @@ class LayerPlan:
     router: dict[str, Any] = field(default_factory=lambda: {"type": "static"})
     gate: str = "unit"
     scales: np.ndarray | None = None
+    compensate: bool = False  # add the calibration mean of each unselected expert's output
 
     def __post_init__(self) -> None:
         self.shared = _as_index(self.shared)
@@ -104,6 +105,7 @@ class LayerPlan:
             "top_k": int(self.top_k),
             "router": dict(self.router),
             "gate": self.gate,
+            **({"compensate": True} if self.compensate else {}),
         }
 
 

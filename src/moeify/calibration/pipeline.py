@@ -176,7 +176,7 @@ def convert_sequential(model, config, calibration, *, tokenizer=None, progress: 
             w = dense_weights(site.module, spec, act)
             res = config.plan_from_activations(w, x, i)
             res.plan.validate(w.intermediate_size, layer=i, allow_missing=getattr(config, "allow_missing", False))
-            block = MoEMLP.from_dense(w, res.plan, res.router_state)
+            block = MoEMLP.from_dense(w, res.plan, res.router_state, getattr(res, "block_state", None))
             y = res.output if res.output is not None else block(x)
             dense_y = res.dense_output
             site.replace(block)
@@ -205,6 +205,20 @@ def convert_sequential(model, config, calibration, *, tokenizer=None, progress: 
             if held is not None:
                 h_outs, h_caps = _run_captured(held, layer, i, site.module, spec.experts)
                 _advance(held, h_outs, [hier(*c) for c in h_caps], post)
+            stats = {"layer": i, **stats}
+            plans.append(hplan)
+        elif site.kind == "moeify" and hasattr(config, "plan_from_activations"):
+            from ..hierarchical import convert_moeify_block
+
+            outs, caps = _run_captured(cal, layer, i, site.parent, site.attr)
+            x = torch.cat([c[0] for c in caps])
+            _check_finite(x, i, "MLP inputs")
+            new, hplan, stats = convert_moeify_block(site.module, x, config, i)
+            site.replace(new)
+            _advance(cal, outs, list(new(x).split([c[0].shape[0] for c in caps])), post)
+            if held is not None:
+                h_outs, h_caps = _run_captured(held, layer, i, site.parent, site.attr)
+                _advance(held, h_outs, [new(c[0]) for c in h_caps], post)
             stats = {"layer": i, **stats}
             plans.append(hplan)
         else:
