@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 MOEIFY  = $(VENV)/bin/moeify
 OUT    ?= out
 
-.PHONY: setup demo test test-unit bench-mlpmoe clean
+.PHONY: setup demo test test-unit bench-mlpmoe bench-cmoe clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,12 @@ test-unit: setup
 	$(PY) -m pytest -q -m "not integration"
 
 bench-mlpmoe: setup
+	$(MOEIFY) pull
 	$(PY) benchmarks/mlpmoe_pruning.py --json benchmarks/results/mlpmoe_pruning.json
+
+bench-cmoe: setup
+	$(MOEIFY) pull
+	$(PY) benchmarks/cmoe_layouts.py --runs moeify,prune,paper --json benchmarks/results/cmoe_layouts.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -201,7 +201,7 @@ def convert_sequential(model, config, calibration, *, tokenizer=None, progress: 
             outs, caps = _run_captured(cal, layer, i, site.module, spec.experts)
             hier, hplan, stats = convert_moe_block(experts_mod, expert_weights(site.module, spec, act), caps, config, i)
             setattr(site.module, spec.experts, hier)
-            _advance(cal, outs, [hier(*c) for c in caps], post)
+            _advance(cal, outs, [(hier if calibration.sequential else experts_mod)(*c) for c in caps], post)
             if held is not None:
                 h_outs, h_caps = _run_captured(held, layer, i, site.module, spec.experts)
                 _advance(held, h_outs, [hier(*c) for c in h_caps], post)
@@ -213,9 +213,10 @@ def convert_sequential(model, config, calibration, *, tokenizer=None, progress: 
             outs, caps = _run_captured(cal, layer, i, site.parent, site.attr)
             x = torch.cat([c[0] for c in caps])
             _check_finite(x, i, "MLP inputs")
-            new, hplan, stats = convert_moeify_block(site.module, x, config, i)
+            old = site.module
+            new, hplan, stats = convert_moeify_block(old, x, config, i)
             site.replace(new)
-            _advance(cal, outs, list(new(x).split([c[0].shape[0] for c in caps])), post)
+            _advance(cal, outs, list((new if calibration.sequential else old)(x).split([c[0].shape[0] for c in caps])), post)
             if held is not None:
                 h_outs, h_caps = _run_captured(held, layer, i, site.parent, site.attr)
                 _advance(held, h_outs, [new(c[0]) for c in h_caps], post)

@@ -139,18 +139,12 @@ class CalibratedPlan:
 # --------------------------------------------------------------------------- profiling
 
 
-def marking_scores(w: GatedWeights, x: torch.Tensor, h: torch.Tensor, marking: str) -> torch.Tensor:
-    if marking == "real":
-        return h.abs()
+def cosine_scores(w: GatedWeights, x: torch.Tensor) -> torch.Tensor:
+    """The reference code's marking surrogate |SiLU(x^ . g^_i) (x^ . u^_i)| with unit-normalised x and rows."""
     xn = torch.nn.functional.normalize(x.float(), dim=-1)
     g = torch.nn.functional.normalize(w.gate.float(), dim=-1)
     u = torch.nn.functional.normalize(w.up.float(), dim=-1)
     return (activation(w.act)(xn @ g.T) * (xn @ u.T)).abs()
-
-
-def mark_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [T, k] of the k largest scores per token."""
-    return scores.topk(k, dim=-1, sorted=False).indices
 
 
 def activation_rates(marks: torch.Tensor, d_h: int) -> torch.Tensor:
@@ -346,7 +340,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
         contrib = h.abs()
         marks = contrib.topk(k_act, dim=-1, sorted=False).indices
     else:
-        marks = marking_scores(w, x, h, cfg.marking).topk(k_act, dim=-1, sorted=False).indices
+        marks = cosine_scores(w, x).topk(k_act, dim=-1, sorted=False).indices
         contrib = h.abs()
     contrib.mul_(down_norm)  # |h_i| ||d_i||
     rate = activation_rates(marks, d_h).numpy()

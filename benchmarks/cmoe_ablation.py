@@ -1,0 +1,70 @@
+"""Each CMoE change measured on its own at one layout (default S3A3E8).
+
+Protocol austen-v1 quick, first N held-out windows (default 4, for speed; label it),
+fp32, calibration 8 x 2048 Austen tokens, seed 0, K_a = 10, dense in the same run.
+Reproduce:
+
+    python benchmarks/cmoe_ablation.py --json benchmarks/results/cmoe_ablation_s3a3e8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import moeify
+from moeify.eval.perplexity import perplexity
+from moeify.texts import perplexity_windows
+
+RUNS = {
+    "paper": {"variant": "paper"},
+    "reference": {"variant": "reference"},
+    "paper + shared by contribution": {"variant": "paper", "shared_by": "contribution"},
+    "paper + contribution clustering": {"variant": "paper", "features": "contribution"},
+    "paper + fitted router": {"variant": "paper", "router": "fitted", "absolute": True},
+    "paper + compensation": {"variant": "paper", "compensate": True},
+    "contribution clustering + fitted router": {"variant": "moeify", "compensate": False},
+    "moeify (clustering + fitted router + compensation)": {"variant": "moeify"},
+    "moeify with shared by contribution": {"variant": "moeify", "shared_by": "contribution"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layout", default="S3A3E8")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma list of run names")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    dense, tok = moeify.load_model()
+    cal = moeify.Calibration()
+    cal.validate(tok)
+    windows = perplexity_windows(tok, "austen", quick=True)[: args.windows]
+    base = perplexity(dense, windows, progress=False)["ppl"]
+    print(f"dense ppl {base:.3f} on {len(windows)} windows", flush=True)
+    rows = []
+    for name in args.runs.split(","):
+        cfg = moeify.CMoEConfig(layout=args.layout, **RUNS[name])
+        t0 = time.perf_counter()
+        conv = moeify.convert(copy.deepcopy(dense), cfg, calibration=cal, tokenizer=tok, progress=False)
+        seconds = time.perf_counter() - t0
+        s = conv.config.moeify["summary"]
+        ppl = perplexity(conv, windows, progress=False)["ppl"]
+        row = {"run": name, "config": cfg.to_dict()["_data"], "ppl": ppl, "dense_ppl": base, "ratio": ppl / base,
+               "router_fidelity": s.get("router_fidelity"), "calibration_error": s.get("calibration_error"),
+               "heldout_rel_error_router": s.get("heldout_rel_error_router"),
+               "heldout_rel_error_oracle": s.get("heldout_rel_error_oracle"), "convert_seconds": seconds}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"protocol": f"austen-v1 quick, first {len(windows)} windows", "dtype": "float32",
+                                         "layout": args.layout, "calibration": "austen 8 x 2048, seed 0, K_a 10",
+                                         "dense_ppl": base, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
