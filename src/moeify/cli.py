@@ -283,8 +283,8 @@ def methods() -> None:
     """List the conversion methods and their options."""
     import dataclasses
 
-    from .config import METHODS, config_for  # noqa: F401
-    from . import methods as _m  # noqa: F401
+    from . import methods as _m  # noqa: F401  (registers the methods)
+    from .config import METHODS
 
     t = Table(title="moeify methods")
     t.add_column("method")

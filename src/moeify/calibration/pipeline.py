@@ -36,10 +36,6 @@ from ..plan import LayerPlan
 log = logging.getLogger("moeify")
 
 
-class _Stop(Exception):
-    pass
-
-
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: records what it is called with and passes hidden states through."""
 
