@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--paper-layouts", default="S3A3E8", help="layouts at which the 'paper' run is made (it is slow to evaluate)")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--windows", type=int, default=None, help="evaluate on the first N held-out windows only (exploration)")
+    ap.add_argument("--cmoe-opts", default="{}", help='extra CMoEConfig options as JSON, e.g. \'{"router_neurons": 24}\'')
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -51,7 +52,7 @@ def main() -> None:
         for run in runs:
             if run == "paper" and layout not in args.paper_layouts.split(","):
                 continue
-            cfg = PruneConfig(layout=layout) if run == "prune" else moeify.CMoEConfig(layout=layout, variant=run)
+            cfg = PruneConfig(layout=layout) if run == "prune" else moeify.CMoEConfig(layout=layout, variant=run, **json.loads(args.cmoe_opts))
             t0 = time.perf_counter()
             conv = moeify.convert(copy.deepcopy(dense), cfg, calibration=cal, tokenizer=tok, progress=False)
             seconds = time.perf_counter() - t0

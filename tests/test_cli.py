@@ -74,10 +74,10 @@ def test_convert_cmoe_from_a_local_text_file(tiny_dir, tmp_path):
     text = _words(tmp_path / "calib.txt")
     out, js = tmp_path / "cmoe", tmp_path / "c.json"
     r = runner.invoke(app, ["convert", str(tiny_dir), "--method", "cmoe", "--layout", "S1A2E8", "--calib", str(text), "--samples", "4",
-                            "--seq-len", "64", "-o", str(out), "--no-eval", "--json", str(js)])
+                            "--seq-len", "64", "--router-neurons", "3", "-o", str(out), "--no-eval", "--json", str(js)])
     assert r.exit_code == 0, r.output
     data = json.loads(js.read_text())
-    assert data["method"] == "cmoe" and data["config"]["layout"] == "S1A2E8"
+    assert data["method"] == "cmoe" and data["config"]["layout"] == "S1A2E8" and data["config"]["router_neurons"] == 3
     assert abs(data["active_mlp_fraction"] - 3 / 8) < 1e-9
     fid = data["router_fidelity"]
     assert len(fid["per_layer"]) == 2 and all(0 <= f <= 1 for f in fid["per_layer"])

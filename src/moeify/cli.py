@@ -132,6 +132,7 @@ def convert(
     k_act: Optional[int] = typer.Option(None, "--k-act", help="cmoe/prune: K_a, neurons marked per token (default 10)."),
     router: Optional[str] = typer.Option(None, help="cmoe: representative | multi | fitted."),
     max_iters: Optional[int] = typer.Option(None, help="cmoe: balanced-clustering iterations cap (1 = the reference code)."),
+    router_neurons: Optional[int] = typer.Option(None, help="cmoe multi/fitted router: neurons per expert the router reads (default 8)."),
     fraction: Optional[float] = typer.Option(None, help="prune: fraction of MLP neurons to keep (instead of --layout)."),
     dense_feed: bool = typer.Option(False, "--dense-feed", help="Profile each layer on the dense model's hidden states instead of the converted layers' (the paper's setting)."),
     calib: str = typer.Option("austen", help="Calibration text source: austen | wikitext2 | c4 | FILE | DIR | FILE.jsonl[:field] | hf:NAME[:CONFIG]:SPLIT:COLUMN."),
@@ -156,7 +157,8 @@ def convert(
     try:
         prepare_output(output, overwrite)
         opts = dict(branches=branches, prune=prune, prune_mode=prune_mode, layout=layout, shared=shared, active=active, experts=experts,
-                    variant=variant, k_act=k_act, router=router, max_iters=max_iters, fraction=fraction)
+                    variant=variant, k_act=k_act, router=router, max_iters=max_iters, router_neurons=router_neurons,
+                    fraction=fraction)
         cfg = config_for(method, **opts)
         calibration = None
         if cfg.needs_calibration:
