@@ -112,9 +112,8 @@ class HierarchicalMoEMLP(MoEMLP):
         else:
             _, idx, w = self.route(x)
         out += self.sub(x, idx, w).to(acc)
-        if self.dropped_bias is not None and not self.all_active():
-            b = self.dropped_bias.to(acc)
-            out += b.sum(0) - b[idx].sum(1)
+        if not self.all_active():
+            self._compensate(out, idx)
         return out.to(hidden_states.dtype).reshape(shape)
 
 

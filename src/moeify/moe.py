@@ -309,6 +309,12 @@ class MoEMLP(nn.Module):
             out.index_add_(0, token[pos : pos + c], ye.to(out.dtype) * ws[pos : pos + c, None])
             pos += c
 
+    def _compensate(self, out: torch.Tensor, idx: torch.Tensor) -> None:
+        """Add each unselected expert's calibration-mean output (compensate=True blocks only)."""
+        if self.dropped_bias is not None:
+            b = self.dropped_bias.to(out.dtype)
+            out += b.sum(0) - b[idx].sum(1)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
@@ -326,9 +332,7 @@ class MoEMLP(nn.Module):
             else:
                 _, idx, w = self.route(x)
                 self._grouped_routed(x, idx, w, out)
-                if self.dropped_bias is not None:
-                    b = self.dropped_bias.to(acc_dtype)
-                    out += b.sum(0) - b[idx].sum(1)
+                self._compensate(out, idx)
         return out.to(hidden_states.dtype).reshape(shape)
 
     def extra_repr(self) -> str:

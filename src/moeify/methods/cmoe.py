@@ -46,6 +46,7 @@ from ..config import MethodConfig
 from ..errors import InputError
 from ..moe import GatedWeights, activation
 from ..plan import LayerPlan
+from ..calibration.profile import CalibratedPlan, check_finite_output, hidden_activations
 from .layout import Layout, check_layout_fits, parse_layout
 
 log = logging.getLogger("moeify")
@@ -123,17 +124,7 @@ class CMoEConfig(MethodConfig):
         return plan_cmoe(w, x, self, layer)
 
 
-@dataclasses.dataclass
-class CalibratedPlan:
-    """What a calibrated method returns for one MLP."""
 
-    plan: LayerPlan
-    router_state: dict[str, torch.Tensor] | None
-    output: torch.Tensor | None = None  # F_moe(X) on the calibration tokens (saves a forward)
-    dense_output: torch.Tensor | None = None  # F(X)
-    info: dict[str, Any] = dataclasses.field(default_factory=dict)
-    heldout: Any = None  # optional callable x -> (F_moe(x), fidelity dict), cheaper than the generic path
-    block_state: dict[str, torch.Tensor] | None = None  # extra block parameters (e.g. dropped_bias)
 
 
 # --------------------------------------------------------------------------- profiling
@@ -271,12 +262,7 @@ def balanced_kmeans(feats: torch.Tensor, sizes: list[int], init: np.ndarray, max
 # --------------------------------------------------------------------------- the plan
 
 
-def _hidden(w: GatedWeights, x: torch.Tensor) -> torch.Tensor:
-    """h [T, d_h] float32 with one fused gate/up matmul and in-place activation."""
-    d_h = w.intermediate_size
-    gu = x.float() @ torch.cat([w.gate, w.up]).float().T
-    h = activation(w.act)(gu[:, :d_h])
-    return h.mul_(gu[:, d_h:])
+
 
 
 @dataclasses.dataclass
@@ -332,7 +318,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     lay = cfg.lay
     n_shared, sizes = lay.sizes(d_h)
     N = len(sizes)
-    h = _hidden(w, x)
+    h = hidden_activations(w, x)
     down = w.down.float()
     down_norm = down.norm(dim=0)  # ||W_down[:, i]||
     k_act = min(cfg.k_act, d_h)
@@ -346,7 +332,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     rate = activation_rates(marks, d_h).numpy()
     mean_contrib = contrib.mean(0).double().numpy()
     if not np.isfinite(mean_contrib).all():  # NaN/inf anywhere in h shows up in its column means
-        _check_out(h.new_full((1,), float("nan")), layer)
+        check_finite_output(h.new_full((1,), float("nan")), layer)
 
     shared_key = rate if cfg.shared_by == "rate" else mean_contrib
     tie = mean_contrib if cfg.shared_by == "rate" else rate
@@ -358,7 +344,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     if N == 0:
         plan = LayerPlan(shared=shared, experts=[], top_k=0, gate="unit")
         y = h @ down.T
-        _check_out(y, layer)
+        check_finite_output(y, layer)
         return CalibratedPlan(plan, None, y, y, info)
 
     routed_t = torch.as_tensor(routed)
@@ -401,7 +387,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
 
     parts = _parts(h, down, shared, experts)
     dense_y = parts.dense()
-    _check_out(dense_y, layer)
+    check_finite_output(dense_y, layer)
     if cfg.router == "fitted":
         # closed-form ridge fit of ||E_j(x)|| on |h_i| ||d_i|| of expert j's router neurons
         for j in range(N):
@@ -438,7 +424,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     del h, parts
 
     def heldout(xh: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        hh = _hidden(w, xh)
+        hh = hidden_activations(w, xh)
         ph = _parts(hh, down, shared, experts)
         F = ph.dense()
         keep_r = _keep(scores_of(hh, xh), lay.active)
@@ -451,9 +437,3 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
 
     block_state = {"dropped_bias": bias} if compensate else None
     return CalibratedPlan(plan, router_state, y, dense_y, info, heldout, block_state)
-
-
-def _check_out(y: torch.Tensor, layer: int) -> None:
-    if not torch.isfinite(y).all():
-        raise InputError(f"layer {layer}: the MLP activations on the calibration tokens contain NaN or inf; "
-                         "check the model's weights and dtype (try --dtype float32).")

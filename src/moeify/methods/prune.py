@@ -18,7 +18,8 @@ from ..config import MethodConfig
 from ..errors import InputError
 from ..moe import GatedWeights
 from ..plan import LayerPlan
-from .cmoe import CalibratedPlan, _check_out, _hidden, activation_rates
+from ..calibration.profile import CalibratedPlan, check_finite_output, hidden_activations
+from .cmoe import activation_rates
 from .layout import check_layout_fits, parse_layout
 
 
@@ -59,10 +60,10 @@ class PruneConfig(MethodConfig):
 
     def plan_from_activations(self, w: GatedWeights, x: torch.Tensor, layer: int) -> CalibratedPlan:
         d_h = w.intermediate_size
-        h = _hidden(w, x.reshape(-1, w.hidden_size))
+        h = hidden_activations(w, x.reshape(-1, w.hidden_size))
         down = w.down.float()
         dense_y = h @ down.T
-        _check_out(dense_y, layer)
+        check_finite_output(dense_y, layer)
         a = h.abs()
         rate = activation_rates(a.topk(min(self.k_act, d_h), dim=-1, sorted=False).indices, d_h).numpy()
         contrib = (a.mul_(down.norm(dim=0))).mean(0).double().numpy()
@@ -75,7 +76,7 @@ class PruneConfig(MethodConfig):
                                 "calibration_error": float((dense_y - y).norm() / dense_y.norm().clamp_min(1e-30))}
 
         def heldout(xh: torch.Tensor):
-            hh = _hidden(w, xh)
+            hh = hidden_activations(w, xh)
             F, yh = hh @ down.T, hh[:, kt] @ down[:, kt].T
             return yh, {"rel_error_router": float((F - yh).norm() / F.norm().clamp_min(1e-30)), "tokens": int(xh.shape[0])}
 
