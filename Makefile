@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 MOEIFY  = $(VENV)/bin/moeify
 OUT    ?= out
 
-.PHONY: setup demo test test-unit bench-mlpmoe bench-cmoe clean
+.PHONY: setup demo test test-unit bench-mlpmoe bench-cmoe bench-speed clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ bench-mlpmoe: setup
 bench-cmoe: setup
 	$(MOEIFY) pull
 	$(PY) benchmarks/cmoe_layouts.py --runs moeify,prune,paper --json benchmarks/results/cmoe_layouts.json
+
+bench-speed: setup
+	$(MOEIFY) pull
+	$(PY) benchmarks/bench_speed.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -24,7 +24,7 @@ from .api import convert, load, save  # noqa: E402
 from .config import MethodConfig, config_for, method_names  # noqa: E402
 from .io import load_model  # noqa: E402
 from .calibration import Calibration  # noqa: E402
-from .methods import CMoEConfig, MLPMoEConfig  # noqa: E402
+from .methods import CMoEConfig, ExpertWeaverConfig, LlamaMoEConfig, MLPMoEConfig, MoEficationConfig, PruneConfig  # noqa: E402
 from .moe import MoEMLP  # noqa: E402
 from .plan import LayerPlan  # noqa: E402
 
@@ -32,12 +32,16 @@ __all__ = [
     "AssetError",
     "CMoEConfig",
     "Calibration",
+    "ExpertWeaverConfig",
     "InputError",
     "LayerPlan",
+    "LlamaMoEConfig",
     "MLPMoEConfig",
     "MethodConfig",
     "MoEMLP",
+    "MoEficationConfig",
     "MoeifyError",
+    "PruneConfig",
     "config_for",
     "convert",
     "load",

@@ -76,6 +76,8 @@ def convert(
     config.check(sizes)
     if config.needs_calibration and calibration is None:
         raise InputError(f"method {config.method!r} needs calibration data: pass calibration=moeify.Calibration(...).")
+    if config.needs_calibration and hasattr(config, "prepare_calibration"):  # e.g. ExpertWeaver adds its task samples
+        calibration = config.prepare_calibration(calibration, tokenizer if tokenizer is not None else getattr(model, "_moeify_tokenizer", None))
     t0 = time.perf_counter()
     if config.needs_calibration:
         from .calibration.pipeline import convert_sequential

@@ -130,10 +130,14 @@ def convert(
     experts: Optional[int] = typer.Option(None, help="Routed methods: experts in total."),
     variant: Optional[str] = typer.Option(None, help="cmoe: moeify (default, measured improvements) | paper | reference."),
     k_act: Optional[int] = typer.Option(None, "--k-act", help="cmoe/prune: K_a, neurons marked per token (default 10)."),
-    router: Optional[str] = typer.Option(None, help="cmoe: representative | multi | fitted."),
+    router: Optional[str] = typer.Option(None, help="cmoe: representative | multi | fitted; moefication: mlp | centroid; llama-moe: analytical | mlp | centroid."),
     max_iters: Optional[int] = typer.Option(None, help="cmoe: balanced-clustering iterations cap (1 = the reference code)."),
     router_neurons: Optional[int] = typer.Option(None, help="cmoe multi/fitted router: neurons per expert the router reads (default 8)."),
-    fraction: Optional[float] = typer.Option(None, help="prune: fraction of MLP neurons to keep (instead of --layout)."),
+    router_rank: Optional[int] = typer.Option(None, "--router-rank", help="cmoe: low-rank router, reading x through a data-aware projection to this many dims (default: full rank)."),
+    fraction: Optional[float] = typer.Option(None, help="prune: fraction of MLP neurons to keep (instead of --layout); moefication / llama-moe / expertweaver: active fraction of the experts (instead of --active)."),
+    split: Optional[str] = typer.Option(None, help="llama-moe: random | cluster (balanced k-means on W_gate rows)."),
+    profile_tasks: Optional[str] = typer.Option(None, "--profile-tasks", help="expertweaver: profiling tasks added to the calibration windows: local (code, licences, docs) | none | comma list of those and text files/folders."),
+    downcycle: bool = typer.Option(False, "--downcycle", help="expertweaver: downcycling export (uniform shared ratio, softmax router), an initialisation for continued training."),
     dense_feed: bool = typer.Option(False, "--dense-feed", help="Profile each layer on the dense model's hidden states instead of the converted layers' (the paper's setting)."),
     calib: str = typer.Option("austen", help="Calibration text source: austen | wikitext2 | c4 | FILE | DIR | FILE.jsonl[:field] | hf:NAME[:CONFIG]:SPLIT:COLUMN."),
     samples: int = typer.Option(8, help="Calibration windows."),
@@ -157,8 +161,8 @@ def convert(
     try:
         prepare_output(output, overwrite)
         opts = dict(branches=branches, prune=prune, prune_mode=prune_mode, layout=layout, shared=shared, active=active, experts=experts,
-                    variant=variant, k_act=k_act, router=router, max_iters=max_iters, router_neurons=router_neurons,
-                    fraction=fraction)
+                    variant=variant, k_act=k_act, router=router, max_iters=max_iters, router_neurons=router_neurons, router_rank=router_rank,
+                    fraction=fraction, split=split, tasks=profile_tasks, downcycle=downcycle or None)
         cfg = config_for(method, **opts)
         calibration = None
         if cfg.needs_calibration:
@@ -236,14 +240,29 @@ def eval_(
     baseline: Optional[str] = typer.Option(None, help="Dense baseline; default: the base model recorded in a converted checkpoint."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Score the model alone."),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Zero-shot lm-eval tasks, e.g. arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq."),
+    limit: Optional[str] = typer.Option(None, "--limit", help="Zero-shot documents per task: N, or TASK=N,... (others full)."),
+    batch_size: str = typer.Option("16", "--batch-size", help="Zero-shot batch size, or 'auto'."),
+    task_data: str = typer.Option("auto", "--task-data", help="auto (offline copy of the dev suite, lm-eval download for others) | local | hub."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write machine-readable results here."),
 ) -> None:
-    """Perplexity of a model, with its dense baseline scored in the same run on the same windows."""
+    """Perplexity and/or zero-shot accuracy of a model, with its dense baseline scored in the same run on
+    the same windows / documents."""
     from .errors import InputError, MoeifyError
     from .io import load_model
 
     try:
-        sources = ppl or ["austen"]
+        sources = ppl or ([] if tasks else ["austen"])
+        task_list: list[str] = []
+        if tasks:
+            from .eval.zero_shot import build_tasks, parse_limits, parse_tasks
+
+            task_list = parse_tasks(tasks)
+            limits = parse_limits(limit, task_list)
+            bs: int | str = batch_size if batch_size == "auto" else int(batch_size) if batch_size.isdigit() and int(batch_size) > 0 else None
+            if bs is None:
+                raise InputError(f"--batch-size {batch_size!r}: a positive integer or 'auto'")
+            build_tasks(task_list, data=task_data)  # unknown tasks / missing data fail before loading models
         m, tok = load_model(model, dtype=dtype)
         base_name = baseline
         if base_name is None and not no_baseline:
@@ -265,9 +284,23 @@ def eval_(
                 w = perplexity_windows(tok, source=src, quick=quick)
                 r = perplexity(m, w)
                 result["ppl"][src] = {"model": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "protocol": _ppl_protocol(src, quick, r["windows"]), "dtype": dtype}
+        if task_list:
+            from .eval.zero_shot import compare_zero_shot
+
+            def _partial(zs: dict[str, Any]) -> None:
+                _write_json(json_out, {**result, **zs, "model": model, "baseline": base_name, "dtype": dtype, "environment": _environment()})
+
+            zs = compare_zero_shot(m, base, tok, task_list, limits=limits, batch_size=bs, data=task_data, on_task=_partial)
+            result.update(zs)
         result["environment"] = _environment()
+        result["dtype"] = dtype
     except MoeifyError as e:
         _fail(e)
+    if task_list:
+        _print_zero_shot(result, model, base_name)
+    if not result["ppl"]:
+        _write_json(json_out, result)
+        return
     t = Table(title=f"{model}" + (f" vs {base_name}" if base_name else ""))
     for c in ("text", "protocol", "windows", "tokens", "baseline ppl", "model ppl", "ratio"):
         t.add_column(c, justify="right")
@@ -278,6 +311,22 @@ def eval_(
         )
     console.print(t)
     _write_json(json_out, result)
+
+
+def _print_zero_shot(result: dict[str, Any], model: str, base_name: str | None) -> None:
+    t = Table(title=f"zero-shot ({result['protocol']}, lm-eval {result['lm_eval']}): {model}" + (f" vs {base_name}" if base_name else ""))
+    for c in ("task", "limit", "docs", "metric", "dense", "model", "recovery"):
+        t.add_column(c, justify="right")
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    for task, e in result["tasks"].items():
+        for metric, r in e["metrics"].items():
+            t.add_row(task, str(e["limit"] or "full"), str(e["n"]), metric, pct(r.get("dense")), pct(r["model"]), pct(r.get("recovery")))
+    for metric, a in result.get("average", {}).items():
+        t.add_row("average", "", f"{a['tasks']} tasks", metric, pct(a.get("dense")), pct(a["model"]), pct(a.get("recovery")))
+    console.print(t)
 
 
 @app.command()
@@ -296,6 +345,15 @@ def methods() -> None:
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING)
         t.add_row(name, "yes" if cls.needs_calibration else "no", opts)
     console.print(t)
+
+
+# --------------------------------------------------------------------------- more commands
+# Larger commands live in their own modules (moeify/cli_<name>.py), each defining its command(s) with
+# `@app.command()` on the `app` imported from this module. One import line per module, here:
+from . import cli_analyze  # noqa: E402,F401
+from . import cli_compare  # noqa: E402,F401
+from . import cli_bench  # noqa: E402,F401
+# (end of command modules)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels as _kernels
 from .errors import InputError
 from .plan import LayerPlan
 
@@ -105,12 +106,17 @@ class AnalyticalRouter(nn.Module):
     representative per expert C is the identity (the paper's router); several
     representatives per expert weighted by ||W_down[:, i]|| give a router that
     estimates each expert's output norm from a sample of its neurons.
+
+    spec["rank"] = r: low-rank router; x is first projected to r dims (proj [r, H])
+    and the router neurons read the projection (gate_up [2n, r]).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, spec: dict[str, Any], act: str):
         super().__init__()
         n = int(spec.get("neurons", num_experts))
-        self.gate_up = nn.Parameter(torch.zeros(2 * n, hidden_size))
+        rank = spec.get("rank")
+        self.proj = nn.Parameter(torch.zeros(int(rank), hidden_size)) if rank else None
+        self.gate_up = nn.Parameter(torch.zeros(2 * n, int(rank) if rank else hidden_size))
         self.combine = nn.Parameter(torch.zeros(num_experts, n))
         self.absolute = bool(spec.get("absolute", False))
         self.normalize = bool(spec.get("normalize", False))  # the reference code's unit-normalised input
@@ -121,6 +127,8 @@ class AnalyticalRouter(nn.Module):
         x = x.float()
         if self.normalize:
             x = F.normalize(x, dim=-1)
+        if self.proj is not None:
+            x = x @ self.proj.float().T
         gu = x @ self.gate_up.float().T
         r = self.act_fn(gu[:, : self.n]) * gu[:, self.n :]
         if self.absolute:
@@ -207,7 +215,7 @@ class MoEMLP(nn.Module):
             up_cols.extend(range(base + m, base + 2 * m))
         self._col_lists = (gate_cols, up_cols, [e for e, m in enumerate(sizes) for _ in range(m)])
         self._col_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        self.kernel = None  # optional fast path installed by moeify.kernels
+        self.kernel = None  # None: moeify.kernels picks per call; or a backend from moeify.kernels.get / use
 
     # ------------------------------------------------------------------ construction
 
@@ -261,10 +269,16 @@ class MoEMLP(nn.Module):
         w = self.expert_scale.float()[idx]
         if self.gate_u is not None:
             w = w * (1.0 + scores.softmax(-1).gather(-1, idx) * self.gate_u.float()[idx])
+        elif self.gate_mode == "softmax":  # downcycled init (ExpertWeaver): Qwen2-MoE-style softmax over all routed experts
+            w = w * scores.softmax(-1).gather(-1, idx)
         return scores, idx, w
 
     def all_active(self) -> bool:
         return self.router_type == "static" or self.top_k >= self.num_experts
+
+    def runs_all_experts(self) -> bool:
+        """Every expert on every token with its static scale: one matmul over all packed rows, no router."""
+        return self.all_active() and self.gate_u is None
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         gu = x @ self.shared_gate_up.T
@@ -318,22 +332,25 @@ class MoEMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
+        kernel = self.kernel or _kernels.select(self, x)  # moeify.kernels: torch (CPU), triton (CUDA), reference
+        out = kernel(self, x)
+        return (out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)).view(shape)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's definition on x [T, H], in float32 for half inputs; the fast kernels are tested against it."""
         acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        if self.kernel is not None:
-            out = self.kernel(self, x)
-            return out.to(hidden_states.dtype).reshape(shape)
         out = torch.zeros(x.shape[0], self.hidden_size, dtype=acc_dtype, device=x.device)
         if self.shared_size:
             out += self._shared(x).to(acc_dtype)
         if self.num_experts:
-            if self.all_active() and self.gate_u is None:
+            if self.runs_all_experts():
                 scale = self.expert_scale[self._cols(x.device)[2]]
                 out += self._dense_routed(x, scale).to(acc_dtype)
             else:
                 _, idx, w = self.route(x)
                 self._grouped_routed(x, idx, w, out)
                 self._compensate(out, idx)
-        return out.to(hidden_states.dtype).reshape(shape)
+        return out
 
     def extra_repr(self) -> str:
         return (

@@ -92,8 +92,10 @@ class LayerPlan:
             raise InputError(f"{where}a routed expert is empty; use fewer experts.")
         if self.experts and not 1 <= self.top_k <= len(self.experts):
             raise InputError(f"{where}top_k={self.top_k} must be between 1 and the number of routed experts ({len(self.experts)}).")
-        if self.gate not in ("unit", "cmoe"):
-            raise InputError(f"{where}gate must be 'unit' or 'cmoe', got {self.gate!r}.")
+        if self.gate not in ("unit", "cmoe", "softmax"):
+            raise InputError(f"{where}gate must be 'unit', 'cmoe' or 'softmax', got {self.gate!r}.")
+        if self.gate == "softmax" and self.experts and self.top_k >= len(self.experts):
+            raise InputError(f"{where}softmax gates need top_k below the number of routed experts ({len(self.experts)}).")
         if self.scales is not None and self.scales.size != len(self.experts):
             raise InputError(f"{where}{self.scales.size} scales for {len(self.experts)} experts.")
 

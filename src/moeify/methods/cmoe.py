@@ -85,6 +85,7 @@ class CMoEConfig(MethodConfig):
     max_iters: int | None = None
     router: str | None = None
     router_neurons: int = 8
+    router_rank: int | None = None  # low-rank router: read x through a data-aware r-dim projection
     absolute: bool | None = None
     normalize: bool | None = None
     compensate: bool | None = None
@@ -109,6 +110,8 @@ class CMoEConfig(MethodConfig):
             raise InputError(f"max_iters must be >= 1, got {self.max_iters}.")
         if int(self.router_neurons) != self.router_neurons or self.router_neurons < 1:
             raise InputError(f"router_neurons must be >= 1, got {self.router_neurons}.")
+        if self.router_rank is not None and (int(self.router_rank) != self.router_rank or self.router_rank < 1):
+            raise InputError(f"router_rank must be a positive integer below the hidden size (or omitted for full rank), got {self.router_rank}.")
 
     @property
     def lay(self) -> Layout:
@@ -262,6 +265,22 @@ def balanced_kmeans(feats: torch.Tensor, sizes: list[int], init: np.ndarray, max
 # --------------------------------------------------------------------------- the plan
 
 
+def lowrank_factors(M: torch.Tensor, x: torch.Tensor, rank: int, jitter: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P [r, H], A [m, r]) minimising E_x ||M x - A P x||^2 over the tokens x [T, H].
+
+    With Sigma = E[x x^T] = L L^T, the error is ||(M - A P) L||_F^2, so the optimum is the
+    truncated SVD of M L: A = U_r S_r, P = V_r^T L^{-1} (a data-aware low-rank router input).
+    """
+    x = x.double()
+    sigma = x.T @ x / max(x.shape[0], 1)
+    sigma += jitter * sigma.diagonal().mean().clamp_min(1e-12) * torch.eye(sigma.shape[0], dtype=sigma.dtype)
+    L = torch.linalg.cholesky(sigma)
+    U, S, Vh = torch.linalg.svd(M.double() @ L, full_matrices=False)
+    A = U[:, :rank] * S[:rank]
+    P = torch.linalg.solve_triangular(L.T, Vh[:rank].T, upper=True).T
+    return P.float(), A.float()
+
+
 
 
 
@@ -388,33 +407,51 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     parts = _parts(h, down, shared, experts)
     dense_y = parts.dense()
     check_finite_output(dense_y, layer)
-    if cfg.router == "fitted":
-        # closed-form ridge fit of ||E_j(x)|| on |h_i| ||d_i|| of expert j's router neurons
-        for j in range(N):
-            cols = torch.as_tensor(np.flatnonzero(owner == j))
-            Phi = (h[:, rep_t[cols]].abs() * down_norm[rep_t[cols]]).double()
-            A = Phi.T @ Phi
-            lam = cfg.ridge * A.diagonal().mean().clamp_min(1e-12)
-            coef = torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype), Phi.T @ parts.norms[:, j].double())
-            # the router scores |h_rep| @ combine^T, so weights on |h_i| ||d_i|| become coef_i ||d_i||
-            combine[j, cols] = coef.float() * down_norm[rep_t[cols]]
-
     gate_rows, up_rows = w.gate.float()[rep_t], w.up.float()[rep_t]
     if cfg.normalize:
         gate_rows = torch.nn.functional.normalize(gate_rows, dim=-1)
         up_rows = torch.nn.functional.normalize(up_rows, dim=-1)
+    proj = None
+    if cfg.router_rank:
+        if cfg.router_rank >= w.hidden_size:
+            raise InputError(f"router_rank={cfg.router_rank} must be below the hidden size {w.hidden_size}; omit it for a full-rank router.")
+        xr = torch.nn.functional.normalize(x.float(), dim=-1) if cfg.normalize else x.float()
+        proj, low = lowrank_factors(torch.cat([gate_rows, up_rows]), xr, cfg.router_rank)
+        gate_rows, up_rows = low[:n_rep], low[n_rep:]
+
+    def router_neurons(h_, x_):
+        """act(G_R x) * (U_R x) for the router neurons (from h when the router reads x unchanged)."""
+        if not cfg.normalize and proj is None:
+            return h_[:, rep_t]
+        xr_ = torch.nn.functional.normalize(x_.float(), dim=-1) if cfg.normalize else x_.float()
+        if proj is not None:
+            xr_ = xr_ @ proj.T
+        return activation(w.act)(xr_ @ gate_rows.T) * (xr_ @ up_rows.T)
+
+    if cfg.router == "fitted":
+        # closed-form ridge fit of ||E_j(x)|| on |r_i(x)| ||d_i|| of expert j's router neurons
+        feats = router_neurons(h, x).abs()
+        for j in range(N):
+            cols = torch.as_tensor(np.flatnonzero(owner == j))
+            Phi = (feats[:, cols] * down_norm[rep_t[cols]]).double()
+            A = Phi.T @ Phi
+            lam = cfg.ridge * A.diagonal().mean().clamp_min(1e-12)
+            coef = torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype), Phi.T @ parts.norms[:, j].double())
+            # the router scores |r| @ combine^T, so weights on |r_i| ||d_i|| become coef_i ||d_i||
+            combine[j, cols] = coef.float() * down_norm[rep_t[cols]]
+        del feats
+
     router_state = {"gate_up": torch.cat([gate_rows, up_rows]).to(w.gate.dtype), "combine": combine}
     router = {"type": "analytical", "neurons": int(n_rep), "absolute": bool(cfg.absolute), "normalize": bool(cfg.normalize)}
+    if proj is not None:
+        router_state["proj"] = proj.to(w.gate.dtype)
+        router["rank"] = int(cfg.router_rank)
     compensate = bool(cfg.compensate) and lay.active < N
     plan = LayerPlan(shared=shared, experts=experts, top_k=lay.active, router=router, gate=cfg.gate, compensate=compensate)
 
     def scores_of(h_, x_):
-        """Router scores from h (the router is the MLP restricted to rep_idx)."""
-        if cfg.normalize:
-            xn = torch.nn.functional.normalize(x_.float(), dim=-1)
-            r = activation(w.act)(xn @ gate_rows.T) * (xn @ up_rows.T)
-        else:
-            r = h_[:, rep_t]
+        """Router scores (the router is the MLP restricted to rep_idx, optionally through proj)."""
+        r = router_neurons(h_, x_)
         return (r.abs() if cfg.absolute else r) @ combine.T
 
     keep = _keep(scores_of(h, x), lay.active)

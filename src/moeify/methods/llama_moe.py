@@ -1,0 +1,123 @@
+"""LLaMA-MoE splits (Zhu et al. 2024) as training-free floor baselines.
+
+LLaMA-MoE builds experts by splitting the FFN neurons, then trains the router (and
+the model) on 200B tokens; training-free it is near random (methods.md §5), which is
+what makes it a useful floor. Per layer, E experts of d_h / E neurons (+-1), no
+shared expert, top-k of E, unit weights:
+
+* split "random": a seeded random permutation of the neurons cut into E equal parts;
+* split "cluster": balanced k-means on the raw (not normalised) W_gate rows, with the
+  exact equal-size assignment of `cmoe.balanced_assignment` (MoEfication clusters the
+  normalised rows; keeping the norms is our reading of LLaMA-MoE's clustering split).
+
+Routers:
+
+* "analytical" (default): CMoE's analytical router on a few neurons of each expert:
+  s_j(x) = sum_{i in R_j} |h_i(x)| ||W_down[:, i]||, R_j = the `router_neurons` members
+  of expert j with the largest mean contribution |h_i| ||W_down[:, i]|| on the
+  calibration tokens (the MLP restricted to those neurons: an estimate of ||E_j(x)||);
+* "mlp": MoEfication's Linear-Tanh-Linear router trained with BCE (moefication.py);
+* "centroid": MoEfication's similarity router (mean normalised gate row per expert).
+
+With the default analytical router the only difference from moeify's CMoE routers
+is the split, which isolates what activation-based clustering buys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from ..calibration.profile import CalibratedPlan, hidden_activations
+from ..config import MethodConfig
+from ..errors import InputError
+from ..moe import GatedWeights
+from ..plan import LayerPlan
+from .cmoe import order_desc
+from .layout import Layout
+from .moefication import (_check_training, centroid_router_for, check_experts_fit, cluster_rows, finish_plan,
+                          mlp_router_for, resolve_active)
+
+SPLITS = ("random", "cluster")
+ROUTERS = ("analytical", "mlp", "centroid")
+
+
+@dataclasses.dataclass
+class LlamaMoEConfig(MethodConfig):
+    """E experts from a random or gate-row-clustering split; top-`active` (or `fraction` of E) per token."""
+
+    method = "llama-moe"
+    needs_calibration = True
+
+    experts: int = 16
+    active: int | None = None
+    fraction: float | None = None
+    split: str = "random"
+    router: str = "analytical"
+    router_neurons: int = 8
+    max_iters: int = 10
+    seed: int = 0
+    router_hidden: int | None = None
+    router_steps: int = 200
+    router_batch: int = 512
+    router_lr: float = 5e-3
+
+    def __post_init__(self) -> None:
+        self.active = resolve_active(self.experts, self.active, self.fraction, self.method)
+        self.fraction = self.active / self.experts
+        if self.split not in SPLITS:
+            raise InputError(f"llama-moe split must be one of {', '.join(SPLITS)}; got {self.split!r}.")
+        if self.router not in ROUTERS:
+            raise InputError(f"llama-moe router must be one of {', '.join(ROUTERS)}; got {self.router!r}.")
+        if int(self.router_neurons) != self.router_neurons or self.router_neurons < 1:
+            raise InputError(f"router_neurons must be >= 1, got {self.router_neurons}.")
+        if int(self.max_iters) != self.max_iters or self.max_iters < 1:
+            raise InputError(f"max_iters must be >= 1, got {self.max_iters}.")
+        _check_training(self)
+
+    def check(self, intermediate_sizes: list[int]) -> None:
+        check_experts_fit(self.experts, intermediate_sizes, self.method)
+
+    def plan_from_activations(self, w: GatedWeights, x: torch.Tensor, layer: int) -> CalibratedPlan:
+        return plan_llama_moe(w, x, self, layer)
+
+
+def split_neurons(w: GatedWeights, cfg: LlamaMoEConfig, layer: int) -> tuple[list[np.ndarray], int]:
+    d_h = w.intermediate_size
+    if cfg.split == "random":
+        perm = np.random.default_rng([cfg.seed, layer]).permutation(d_h)
+        _, sizes = Layout(0, 1, cfg.experts).sizes(d_h)
+        cuts = np.cumsum(sizes)[:-1]
+        return [np.sort(p) for p in np.split(perm, cuts)], 0
+    return cluster_rows(w.gate.float(), cfg.experts, cfg.seed, layer, cfg.max_iters)
+
+
+def analytical_router_for(w: GatedWeights, h: torch.Tensor, experts: list[np.ndarray], neurons: int) -> tuple[dict, dict]:
+    down_norm = w.down.float().norm(dim=0)
+    mean_contrib = (h.abs().mean(0) * down_norm).double().numpy()
+    reps = [e[order_desc(mean_contrib[e])[: min(neurons, e.size)]] for e in experts]
+    rep = torch.as_tensor(np.concatenate(reps))
+    owner = torch.as_tensor(np.repeat(np.arange(len(experts)), [r.size for r in reps]))
+    combine = torch.zeros(len(experts), rep.numel())
+    combine[owner, torch.arange(rep.numel())] = down_norm[rep]
+    state = {"gate_up": torch.cat([w.gate[rep], w.up[rep]]).float(), "combine": combine}
+    return {"type": "analytical", "neurons": int(rep.numel()), "absolute": True, "normalize": False}, state
+
+
+def plan_llama_moe(w: GatedWeights, x: torch.Tensor, cfg: LlamaMoEConfig, layer: int) -> CalibratedPlan:
+    x = x.reshape(-1, w.hidden_size)
+    if x.shape[0] < 1:
+        raise InputError(f"layer {layer}: no calibration tokens reached this MLP.")
+    experts, iters = split_neurons(w, cfg, layer)
+    h = hidden_activations(w, x)
+    if cfg.router == "analytical":
+        router, state = analytical_router_for(w, h, experts, cfg.router_neurons)
+    elif cfg.router == "mlp" and cfg.active < cfg.experts:
+        router, state = mlp_router_for(x, h, experts, cfg.active, cfg, layer)
+    else:
+        router, state = centroid_router_for(w, experts)
+    plan = LayerPlan(shared=np.zeros(0, dtype=np.int64), experts=experts, top_k=cfg.active, router=router)
+    info = {"tokens": int(x.shape[0]), "split": cfg.split, **({"cluster_iterations": iters} if cfg.split == "cluster" else {})}
+    return finish_plan(w, x, h, plan, state, info, layer)
