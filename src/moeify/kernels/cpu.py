@@ -67,13 +67,18 @@ class Prepared:
         self.acc = acc
         self.act = activation_fn(block)
         gu, down = block.gate_up.detach(), block.down.detach()
-        self.shared_gu_t = block.shared_gate_up.detach().t()
+        sgu, s = block.shared_gate_up.detach(), block.shared_size
+        self.shared_gu_t = sgu.t()
+        # W_gate and W_up separately: two matmuls cost fewer calls at batch 1 than one matmul and two slices
+        self.shared_g_t, self.shared_u_t = sgu[:s].t(), sgu[s:].t()
         self.shared_down = block.shared_down.detach()
         self.gate_up_t = gu.t()
         self.down = down
         off = block.offsets
         # (W_gate|W_up of expert e transposed, W_down rows of e, size): views into the packed weights
         self.experts = [(gu[2 * off[e] : 2 * off[e + 1]].t(), down[off[e] : off[e + 1]], off[e + 1] - off[e]) for e in range(block.num_experts)]
+        self.expert_g_t = [gu[2 * off[e] : 2 * off[e] + m].t() for e, m in enumerate(block.expert_sizes)]
+        self.expert_u_t = [gu[2 * off[e] + m : 2 * off[e + 1]].t() for e, m in enumerate(block.expert_sizes)]
         sizes = block.expert_sizes
         self.equal = bool(sizes) and all(m == sizes[0] for m in sizes)
         scale = block.expert_scale.detach().float()
@@ -90,7 +95,7 @@ class Prepared:
         if block.num_experts and _inline_router(block):
             r = block.router  # float32 like the module (a copy only for half-precision weights, which are small here)
             f = lambda t: t.detach().float().t()  # noqa: E731
-            self.router = (r.n, r.normalize, r.absolute, None if r.proj is None else f(r.proj), f(r.gate_up), f(r.combine))
+            self.router = (r.normalize, r.absolute, None if r.proj is None else f(r.proj), f(r.gate_up[: r.n]), f(r.gate_up[r.n :]), f(r.combine))
         self.has_selection_bias = bool(block.selection_bias.any())
         self.selection_bias = block.selection_bias.detach().float()
         self.bias = None
@@ -145,8 +150,11 @@ def _new_accumulator(block, x: torch.Tensor, p: Prepared, bias: torch.Tensor | N
         out = x.new_zeros(T, block.hidden_size, dtype=p.acc)
         return out if bias is None else out.add_(bias)
     s = block.shared_size
-    gu = torch.mm(x, p.shared_gu_t)
-    h = p.act(gu[:, :s]).mul_(gu[:, s:])
+    if T == 1:
+        h = p.act(torch.mm(x, p.shared_g_t)).mul_(torch.mm(x, p.shared_u_t))
+    else:
+        gu = torch.mm(x, p.shared_gu_t)
+        h = p.act(gu[:, :s]).mul_(gu[:, s:])
     if bias is not None and h.dtype == p.acc:
         return torch.addmm(bias, h, p.shared_down)  # the bias rides along in the GEMM's output pass
     out = _down(h, p.shared_down)
@@ -191,14 +199,14 @@ def router_scores(block, x: torch.Tensor, p: Prepared) -> torch.Tensor:
     """The router's float32 scores [T, N]; CMoE's analytical router inlined (its module call costs more than its math at batch 1)."""
     if p.router is None:
         return block.router(x)
-    n, normalize, absolute, proj_t, gu_t, combine_t = p.router
-    x = x.float()
+    normalize, absolute, proj_t, g_t, u_t, combine_t = p.router
+    if x.dtype != torch.float32:
+        x = x.float()
     if normalize:
         x = F.normalize(x, dim=-1)
     if proj_t is not None:
         x = torch.mm(x, proj_t)
-    gu = torch.mm(x, gu_t)
-    r = p.act(gu[:, :n]).mul_(gu[:, n:])
+    r = p.act(torch.mm(x, g_t)).mul_(torch.mm(x, u_t))
     if absolute:
         r.abs_()
     return torch.mm(r, combine_t)
@@ -215,13 +223,12 @@ def route(block, x: torch.Tensor, p: Prepared) -> tuple[torch.Tensor, torch.Tens
     return idx, None if p.unit_scale else block.expert_scale.float()[idx]
 
 
-def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None) -> None:
-    """Decode: the selected experts' weight slices, nothing else.
+def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, ids: list[int], w: torch.Tensor | None) -> None:
+    """Decode: the selected experts' weight slices, nothing else (the compensation is already in `out`).
 
     With unit gates and equal expert sizes, selected experts that are neighbours in the
     packing (e, e+1, ...) are one contiguous block of rows, run as one matmul pair.
     """
-    ids = idx.tolist()[0]  # the one host sync (free on a CPU)
     if w is None and p.equal:
         ids.sort()
         m = p.experts[0][2]
@@ -230,12 +237,13 @@ def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, idx: torc
             j = i + 1
             while j < len(ids) and ids[j] == ids[j - 1] + 1:
                 j += 1
-            gu_t, down = p.run(block, ids[i], j - i)
-            gu = torch.mm(x, gu_t)
             if j - i == 1:
-                h = p.act(gu[:, :m]).mul_(gu[:, m:])
+                e = ids[i]
+                h = p.act(torch.mm(x, p.expert_g_t[e])).mul_(torch.mm(x, p.expert_u_t[e]))
+                down = p.experts[e][1]
             else:
-                g = gu.view(1, j - i, 2, m)
+                gu_t, down = p.run(block, ids[i], j - i)
+                g = torch.mm(x, gu_t).view(1, j - i, 2, m)
                 h = p.act(g[:, :, 0]).mul_(g[:, :, 1]).view(1, -1)
             _add(out, h, down)
             i = j
@@ -247,12 +255,8 @@ def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, idx: torc
         else:
             weights = w[0].tolist()
         for e, g in zip(ids, weights):
-            gu_t, down_e, m = p.experts[e]
-            gu = torch.mm(x, gu_t)
-            h = p.act(gu[:, :m]).mul_(gu[:, m:])
-            _add(out, h, down_e, g)
-    if p.bias is not None:
-        out.add_(p.bias_for(ids))
+            h = p.act(torch.mm(x, p.expert_g_t[e])).mul_(torch.mm(x, p.expert_u_t[e]))
+            _add(out, h, p.experts[e][1], g)
 
 
 def _grouped(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None) -> None:
@@ -301,10 +305,12 @@ def moe_forward(block, x: torch.Tensor) -> torch.Tensor:
         if block.num_experts:
             _all_experts(block, x, p, out)
         return out
-    out = _new_accumulator(block, x, p, p.bias_total if p.bias is not None and T > 1 else None)
     idx, w = route(block, x, p)
     if T == 1:
-        _one_token(block, x, p, out, idx, w)
+        ids = idx.tolist()[0]  # the one host sync (free on a CPU)
+        out = _new_accumulator(block, x, p, p.bias_for(ids) if p.bias is not None else None)
+        _one_token(block, x, p, out, ids, w)
     else:
+        out = _new_accumulator(block, x, p, p.bias_total if p.bias is not None else None)
         _grouped(block, x, p, out, idx, w)
     return out
