@@ -79,7 +79,8 @@ def test_compare_models_interleaves_and_reports_limits(monkeypatch):
         return real_run(model, workload, inputs, new_tokens)
 
     monkeypatch.setattr(bench, "_run", spy)
-    r = bench.compare_models(conv, dense, None, workloads=["decode"], repeats=3, warmup=1, new_tokens=4, prompt_tokens=16, text="random")
+    r = bench.compare_models(conv, dense, None, workloads=["decode"], repeats=3, warmup=1, new_tokens=4, prompt_tokens=16, text="random",
+                               attainable=False)
     dec = [c[0] for c in calls if c[1] == "decode"]
     assert dec == ["baseline", "model", "baseline", "model", "model", "baseline", "baseline", "model"]
     d = r["workloads"]["decode"]
@@ -88,6 +89,53 @@ def test_compare_models_interleaves_and_reports_limits(monkeypatch):
     assert d["limit"] > 1.2 and d["of_limit"] == pytest.approx(d["speedup"] / d["limit"])
     assert 0 <= d["greedy_tokens_identical_prefix"] <= 4
     assert r["settings"]["threads"] == torch.get_num_threads() and r["kernels"] == {"auto": 2}
+
+
+def test_attainable_limit_is_amdahl_over_measured_non_mlp_time():
+    # 100 ms dense, 40 ms outside the MLPs, MLPs read a quarter: 100 / (40 + 15)
+    assert bench.attainable_limit(0.100, 0.040, 0.25) == pytest.approx(100 / 55)
+    assert bench.attainable_limit(0.100, 0.040, 1.0) == pytest.approx(1.0)
+    assert bench.attainable_limit(0.100, 0.0, 0.25) == pytest.approx(4.0)
+
+
+def test_decode_attainable_limit_times_the_baseline_without_its_mlps(monkeypatch):
+    dense = tiny_model("llama")
+    conv = moeify.convert(copy.deepcopy(dense), moeify.CMoEConfig(layout="S1A1E4"), calibration=_cal(), progress=False)
+    mlps = bench._mlp_modules(dense)
+    seen = []
+    real_run = bench._run
+
+    def spy(model, workload, inputs, new_tokens):
+        skipped = [m.forward is bench._zeros_like_input for m in mlps] if model is dense else None
+        seen.append(("model" if model is conv else "baseline", skipped))
+        return real_run(model, workload, inputs, new_tokens)
+
+    monkeypatch.setattr(bench, "_run", spy)
+    r = bench.compare_models(conv, dense, None, workloads=["decode"], repeats=2, warmup=0, new_tokens=4, prompt_tokens=16, text="random")
+    # per repetition: baseline, model, baseline without MLPs (then reversed); MLPs skipped only in that third run
+    assert [(n, None if s is None else all(s)) for n, s in seen] == [
+        ("baseline", False), ("model", None), ("baseline", True), ("baseline", True), ("model", None), ("baseline", False)]
+    assert all(not any(s) for n, s in seen if n == "baseline" and not all(s))
+    assert all("forward" not in m.__dict__ for m in mlps)  # restored
+    a = r["workloads"]["decode"]["attainable"]
+    f = bench.token_cost(conv).mlp_active_params / bench.token_cost(dense).mlp_active_params
+    assert a["mlp_fraction"] == pytest.approx(f) and 0.25 < f < 1
+    assert a["limit"] == pytest.approx(bench.attainable_limit(a["dense_ms_per_token"], a["no_mlp_ms_per_token"], f))
+    assert a["of_limit"] == pytest.approx(r["workloads"]["decode"]["speedup"] / a["limit"])
+    assert set(r["workloads"]["decode"]) >= {"baseline", "model", "limit"} and "no_mlp" not in r["workloads"]["decode"]
+
+
+def test_skip_mlps_outputs_zero_mlp_contribution():
+    dense = tiny_model("llama")
+    ids = torch.randint(0, dense.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        ref = dense(ids).logits
+        with bench._SkipMLPs(dense):
+            skipped = dense(ids).logits
+            for m in bench._mlp_modules(dense):
+                assert torch.equal(m(torch.ones(1, 2, dense.config.hidden_size)), torch.zeros(1, 2, dense.config.hidden_size))
+        again = dense(ids).logits
+    assert not torch.allclose(ref, skipped) and torch.equal(ref, again)
 
 
 def test_compare_models_refuses_mismatched_dtypes():

@@ -34,6 +34,8 @@ def bench(
     new_tokens: int = typer.Option(128, help="Decode: new tokens per generation (greedy, batch 1)."),
     threads: Optional[int] = typer.Option(None, help="torch threads for both models (default: torch's)."),
     kernel: str = typer.Option("auto", help="MoE execution: auto | torch | triton | reference."),
+    attainable: bool = typer.Option(True, "--attainable/--no-attainable",
+                                    help="Decode: also time the dense model with its MLPs skipped, for the attainable (Amdahl) limit."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Also measure each model's peak memory (in a child process on CPU)."),
     text: str = typer.Option("austen", help="Input tokens: austen (held-out text, protocol.md) | random (seeded ids)."),
     layer: bool = typer.Option(False, "--layer", help="Benchmark one MLP vs MoE layer with random weights instead of a model."),
@@ -74,7 +76,7 @@ def bench(
         if layer:
             result = _bench_layer(model, hidden, intermediate, layout, _parse_tokens(tokens), dtype, device, repeats, kernel, router_neurons, cuda_graphs)
         else:
-            result = _bench_model(model, baseline, dtype, [w for w in workloads.split(",") if w], repeats, warmup, new_tokens, kernel, device, memory, text)
+            result = _bench_model(model, baseline, dtype, [w for w in workloads.split(",") if w], repeats, warmup, new_tokens, kernel, device, memory, text, attainable)
         result["environment"] = {**_environment(), "device_name": _device_name(device)}
         if kernel in ("auto", "triton"):
             result["environment"]["triton"] = _triton_version()
@@ -119,7 +121,7 @@ def _bench_layer(model, hidden, intermediate, layout, tokens, dtype, device, rep
                                              router_neurons=router_neurons, cuda_graphs=cuda_graphs, progress=lambda m: err.print(m))}
 
 
-def _bench_model(model, baseline, dtype, workloads, repeats, warmup, new_tokens, kernel, device, memory, text) -> dict[str, Any]:
+def _bench_model(model, baseline, dtype, workloads, repeats, warmup, new_tokens, kernel, device, memory, text, attainable=True) -> dict[str, Any]:
     import torch
 
     from . import kernels
@@ -152,7 +154,8 @@ def _bench_model(model, baseline, dtype, workloads, repeats, warmup, new_tokens,
     m.to(device)
     b.to(device)
     kernels.use(m, kernel)
-    res = compare_models(m, b, tok, workloads=workloads, repeats=repeats, warmup=warmup, new_tokens=new_tokens, text=text, progress=lambda s: err.print(s))
+    res = compare_models(m, b, tok, workloads=workloads, repeats=repeats, warmup=warmup, new_tokens=new_tokens, text=text, attainable=attainable,
+                         progress=lambda s: err.print(s))
     res["settings"]["kernel"] = kernel
     out: dict[str, Any] = {"kind": "model", "model": str(model), "baseline": str(base_name), **res}
     out["memory"] = {"weights_mb": {"baseline": weight_bytes(b) / 2**20, "model": weight_bytes(m) / 2**20}}
@@ -186,6 +189,11 @@ def _print_model(r: dict[str, Any]) -> None:
     if "decode" in r["workloads"]:
         d = r["workloads"]["decode"]
         console.print(f"greedy decode: converted == dense for the first {d['greedy_tokens_identical_prefix']} of {st['new_tokens']} new tokens")
+        a = d.get("attainable")
+        if a:
+            console.print(f"decode, attainable limit {a['limit']:.3f}× (of it: {a['of_limit']:.2f}): dense {a['dense_ms_per_token']:.1f} ms/token, "
+                          f"{a['no_mlp_ms_per_token']:.1f} of it outside the MLPs (measured with the MLPs skipped); "
+                          f"the converted MLPs read {a['mlp_fraction']:.1%} of the dense MLP weights")
     mem = r.get("memory") or {}
     if mem:
         wm = mem["weights_mb"]

@@ -11,6 +11,15 @@ spread and ratios; next to every ratio the physical limit it is measured against
   scores and one LM-head row per sequence (the prefill keeps one position's logits);
   limit = dense FLOPs / converted FLOPs.
 
+Decode also gets an *attainable* limit (Amdahl): the baseline is timed a third way
+with its MLPs skipped, which measures what a token costs outside the MLPs on this
+machine (attention, LM head, the framework's per-layer and per-step overhead), a
+cost that conversion cannot touch. attainable = t_dense / (t_no_mlp + f (t_dense -
+t_no_mlp)), f = MLP weights read per token, converted / dense: the speedup if the
+MoE MLPs streamed their weights exactly as fast as the dense MLPs and cost nothing
+else. Where per-token overhead is large (small models, slow dispatch) it is well
+below the bytes limit.
+
 Timings are medians over repetitions; `spread` gives min, max and the
 interquartile range so a noisy machine shows as such.
 """
@@ -219,6 +228,31 @@ def run_prefill(model, ids: torch.Tensor) -> dict[str, Any]:
     return {"tokens_per_s": ids.numel() / (time.perf_counter() - t0)}
 
 
+class _SkipMLPs:
+    """Context: every MLP of `model` returns zeros (its weights are not read); for the attainable decode limit."""
+
+    def __init__(self, model):
+        self.mlps = _mlp_modules(model)
+
+    def __enter__(self):
+        for m in self.mlps:
+            m.forward = _zeros_like_input
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.mlps:
+            del m.forward
+
+
+def _zeros_like_input(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return torch.zeros_like(x)
+
+
+def attainable_limit(t_dense: float, t_no_mlp: float, mlp_fraction: float) -> float:
+    """Amdahl: dense time per token over non-MLP time + the MLP time scaled by the fraction of MLP weights read."""
+    return t_dense / (t_no_mlp + mlp_fraction * max(t_dense - t_no_mlp, 0.0))
+
+
 def _run(model, workload: str, inputs: dict[str, torch.Tensor], new_tokens: int) -> dict[str, Any]:
     if workload == "decode":
         return run_decode(model, inputs["prompt"], new_tokens)
@@ -245,9 +279,14 @@ def compare_models(
     new_tokens: int = 128,
     prompt_tokens: int = 128,
     text: str = "austen",
+    attainable: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Dense `baseline` vs converted `model`, interleaved in this process: tokens/s, speedups, limits."""
+    """Dense `baseline` vs converted `model`, interleaved in this process: tokens/s, speedups, limits.
+
+    attainable: also time the baseline's decode with its MLPs skipped (one more generation per
+    repetition) for the attainable (Amdahl) limit next to the bytes limit.
+    """
     workloads = check_workloads(list(workloads))
     if repeats < 1:
         raise InputError(f"repeats must be >= 1, got {repeats}.")
@@ -266,14 +305,20 @@ def compare_models(
     for wl in workloads:
         runs: dict[str, list[float]] = {"baseline": [], "model": []}
         extra: dict[str, Any] = {}
-        for name in ("baseline", "model"):
+        no_mlp = attainable and wl == "decode"
+        names = ("baseline", "model", "no_mlp") if no_mlp else ("baseline", "model")
+        if no_mlp:
+            runs["no_mlp"] = []
+        for name in names:
             for _ in range(warmup):
-                _run(models[name], wl, inputs, new_tokens)
+                _run_named(models, name, wl, inputs, new_tokens)
         for r in range(repeats):
-            order = ("baseline", "model") if r % 2 == 0 else ("model", "baseline")
+            order = names if r % 2 == 0 else names[::-1]
             for name in order:
-                res = _run(models[name], wl, inputs, new_tokens)
+                res = _run_named(models, name, wl, inputs, new_tokens)
                 runs[name].append(res["tokens_per_s"])
+                if name == "no_mlp":
+                    continue
                 if wl == "decode":
                     extra.setdefault(f"{name}_end_to_end_tokens_per_s", []).append(res["end_to_end_tokens_per_s"])
                     extra[f"{name}_tokens"] = res["tokens"]
@@ -288,10 +333,20 @@ def compare_models(
             for k in list(extra):
                 if k.endswith("end_to_end_tokens_per_s"):
                     extra[k] = summarize(extra[k])
+            if no_mlp:
+                t_dense, t_free = 1.0 / statistics.median(runs["baseline"]), 1.0 / statistics.median(runs.pop("no_mlp"))
+                f = cost_m.mlp_active_params / cost_b.mlp_active_params if cost_b.mlp_active_params else 1.0
+                att = attainable_limit(t_dense, t_free, f)
+                extra["attainable"] = {
+                    "limit": att, "mlp_fraction": f, "dense_ms_per_token": 1e3 * t_dense, "no_mlp_ms_per_token": 1e3 * t_free,
+                    "kind": "Amdahl: measured non-MLP time per token + MLP time scaled by the fraction of MLP weights read",
+                }
         else:
             bsz, seq = inputs[wl].shape
             limit = cost_b.prefill_flops(bsz, seq) / cost_m.prefill_flops(bsz, seq)
             kind = "matmul FLOPs (causal attention, one LM-head row per sequence)"
+        if "attainable" in extra:
+            extra["attainable"]["of_limit"] = (statistics.median(runs["model"]) / statistics.median(runs["baseline"])) / extra["attainable"]["limit"]
         results[wl] = {
             "unit": "tokens/s",
             "baseline": summarize(runs["baseline"]),
@@ -311,6 +366,13 @@ def compare_models(
         },
         "kernels": kernel_summary(model),
     }
+
+
+def _run_named(models: dict[str, nn.Module], name: str, wl: str, inputs: dict[str, torch.Tensor], new_tokens: int) -> dict[str, Any]:
+    if name == "no_mlp":
+        with _SkipMLPs(models["baseline"]):
+            return _run(models["baseline"], wl, inputs, new_tokens)
+    return _run(models[name], wl, inputs, new_tokens)
 
 
 def _cost_dict(c: TokenCost, dtype: torch.dtype) -> dict[str, Any]:
