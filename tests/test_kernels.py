@@ -119,18 +119,50 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
-@pytest.mark.parametrize("T", [1, 2, 37])
+@pytest.mark.parametrize("T", [1, 2, 8, 37])
 def test_torch_backend_equals_reference(case, T):
     block = _block(**case)
     ref = _check(block, cpu.moe_forward, T)
     assert ref.abs().max() > 0.1  # a real output, not zeros on both sides
 
 
-@pytest.mark.parametrize("case", [dict(router="analytical", compensate=True, top_k=1), dict(router="linear", gate="cmoe", scales=True, top_k=3)])
-@pytest.mark.parametrize("T", [1, 23])
+@pytest.mark.parametrize("case", [dict(router="analytical", compensate=True, top_k=1), dict(router="linear", gate="cmoe", scales=True, top_k=3),
+                                  dict(router="analytical", compensate=True, top_k=3), dict(router="static", scales=True, top_k=2)])
+@pytest.mark.parametrize("T", [1, 6, 23])
 def test_torch_backend_accumulates_half_precision_in_float32(case, T):
     block = _block(**case)
     _check(block, cpu.moe_forward, T, dtype=torch.bfloat16, atol=2e-2)
+
+
+# blocks that route (a static router or unit gates with every expert active run all experts, no selection)
+ROUTED_CASES = [c for c in CASES if c.get("top_k", 2) and not _block(**c).runs_all_experts()]
+
+
+@pytest.mark.parametrize("case", ROUTED_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("path", ["masked", "grouped"])
+def test_few_token_paths_both_equal_reference(case, path):
+    """The masked (all experts, unselected zeroed) and grouped paths each compute the block, whichever the heuristic picks."""
+    block = _block(**case)
+    assert not block.runs_all_experts()
+    x = _x(5)
+    with torch.no_grad():
+        ref = block.forward_reference(x)
+        p = cpu.prepared(block, x)
+        idx, w = cpu.route(block, x, p)
+        out = cpu._new_accumulator(block, x, p, p.bias_total if p.bias is not None else None)
+        getattr(cpu, "_" + path)(block, x, p, out, idx, w)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_masked_path_is_chosen_only_when_the_tokens_cover_the_experts(monkeypatch):
+    block = _block(top_k=2)  # 5 experts
+    used = []
+    monkeypatch.setattr(cpu, "_masked", lambda *a: used.append("masked") or cpu._grouped(*a))
+    with torch.no_grad():
+        for T in (2, 3, 16, 17):
+            used.clear()
+            cpu.moe_forward(block, _x(T))
+            assert (used == ["masked"]) == (3 <= T <= cpu.MASKED_MAX_TOKENS), T
 
 
 def test_one_token_path_merges_neighbouring_experts_exactly():

@@ -264,6 +264,40 @@ def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, ids: list
             _add(out, h, down_e, g)
 
 
+# A few tokens (batched decode, speculative verification, short prompts): up to this many
+# tokens, when the tokens' selections are expected to cover every expert (T * k >= N),
+# the masked path below runs instead of grouping
+MASKED_MAX_TOKENS = 16
+
+
+def _use_masked(block, x: torch.Tensor, p: Prepared, w: torch.Tensor | None) -> bool:
+    T = x.shape[0]
+    # bf16/fp16 with non-unit gate weights keep the grouped path, which weights in float32
+    return 1 < T <= MASKED_MAX_TOKENS and T * block.top_k >= block.num_experts and (w is None or x.dtype == p.acc)
+
+
+def _masked(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None) -> None:
+    """A few tokens: all routed experts as one packed matmul pair, each token's unselected experts zeroed.
+
+    When a handful of tokens together select (nearly) every expert, the layer reads (nearly)
+    all routed weights either way and is bound by those bytes; one matmul pair then costs far
+    less than a sort, a matmul pair per expert and a scatter. Same result as the grouped path:
+    the activations of unselected experts are multiplied by 0, selected ones by their gate weight.
+    """
+    T, N = x.shape[0], block.num_experts
+    sel = torch.zeros(T, N, dtype=x.dtype, device=x.device).scatter_(1, idx, 1.0)
+    gate = sel if w is None else torch.zeros(T, N, dtype=x.dtype, device=x.device).scatter_(1, idx, w.to(x.dtype))
+    gu = torch.mm(x, p.gate_up_t)
+    if p.equal:
+        g = gu.view(T, N, 2, p.experts[0][2])
+        h = p.act(g[:, :, 0]).mul_(g[:, :, 1]).mul_(gate[:, :, None]).view(T, block.routed_size)
+    else:
+        h = p.act(gu[:, p.gate_cols]).mul_(gu[:, p.up_cols]).mul_(gate[:, block._cols(x.device)[2]])
+    _add(out, h, p.down)
+    if p.bias is not None:  # `out` holds every expert's compensation; the selected experts' come off
+        out.sub_(torch.mm(sel.to(p.acc), p.bias))
+
+
 def _grouped(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None) -> None:
     """Prefill: tokens sorted by expert, one matmul pair per expert with tokens, one scatter."""
     T, k = idx.shape
@@ -317,5 +351,5 @@ def moe_forward(block, x: torch.Tensor) -> torch.Tensor:
         _one_token(block, x, p, out, ids, w)
     else:
         out = _new_accumulator(block, x, p, p.bias_total if p.bias is not None else None)
-        _grouped(block, x, p, out, idx, w)
+        (_masked if _use_masked(block, x, p, w) else _grouped)(block, x, p, out, idx, w)
     return out
