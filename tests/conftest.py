@@ -86,3 +86,20 @@ def tiny_dir(tmp_path):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def random_gated_weights(d_h: int = 96, H: int = 32, seed: int = 0):
+    """A random SiLU-gated MLP (W_down scaled by 1/10), seeded."""
+    from moeify.moe import GatedWeights
+
+    g = torch.Generator().manual_seed(seed)
+    return GatedWeights(torch.randn(d_h, H, generator=g), torch.randn(d_h, H, generator=g), torch.randn(H, d_h, generator=g) / 10, "silu")
+
+
+def random_hidden(T: int = 256, H: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(T, H, generator=torch.Generator().manual_seed(seed))
+
+
+def random_ids(n: int, L: int, seed: int) -> torch.Tensor:
+    """Token-id windows [n, L] from the tiny models' 128-token vocabulary, seeded."""
+    return torch.randint(0, 128, (n, L), generator=torch.Generator().manual_seed(seed))

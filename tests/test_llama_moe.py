@@ -13,20 +13,10 @@ from moeify.errors import InputError
 from moeify.methods.llama_moe import LlamaMoEConfig, plan_llama_moe
 from moeify.moe import GatedWeights
 
+from .conftest import random_gated_weights as _weights
+from .conftest import random_hidden as _x
+from .conftest import random_ids as _ids
 from .conftest import tiny_model
-
-
-def _weights(d_h=96, H=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return GatedWeights(torch.randn(d_h, H, generator=g), torch.randn(d_h, H, generator=g), torch.randn(H, d_h, generator=g) / 10, "silu")
-
-
-def _x(T=256, H=32, seed=1):
-    return torch.randn(T, H, generator=torch.Generator().manual_seed(seed))
-
-
-def _ids(n, L, seed):
-    return torch.randint(0, 128, (n, L), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("split", ["random", "cluster"])

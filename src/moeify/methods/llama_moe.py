@@ -31,54 +31,36 @@ import numpy as np
 import torch
 
 from ..calibration.profile import CalibratedPlan, hidden_activations
-from ..config import MethodConfig
 from ..errors import InputError
 from ..moe import GatedWeights
 from ..plan import LayerPlan
 from .cmoe import order_desc
 from .layout import Layout
-from .moefication import (_check_training, centroid_router_for, check_experts_fit, cluster_rows, finish_plan,
-                          mlp_router_for, resolve_active)
+from .moefication import EqualExpertsConfig, centroid_router_for, cluster_rows, finish_plan, mlp_router_for
 
 SPLITS = ("random", "cluster")
 ROUTERS = ("analytical", "mlp", "centroid")
 
 
 @dataclasses.dataclass
-class LlamaMoEConfig(MethodConfig):
+class LlamaMoEConfig(EqualExpertsConfig):
     """E experts from a random or gate-row-clustering split; top-`active` (or `fraction` of E) per token."""
 
     method = "llama-moe"
     needs_calibration = True
+    routers = ROUTERS
 
     experts: int = 16
-    active: int | None = None
-    fraction: float | None = None
-    split: str = "random"
     router: str = "analytical"
+    split: str = "random"
     router_neurons: int = 8
-    max_iters: int = 10
-    seed: int = 0
-    router_hidden: int | None = None
-    router_steps: int = 200
-    router_batch: int = 512
-    router_lr: float = 5e-3
 
     def __post_init__(self) -> None:
-        self.active = resolve_active(self.experts, self.active, self.fraction, self.method)
-        self.fraction = self.active / self.experts
+        super().__post_init__()
         if self.split not in SPLITS:
             raise InputError(f"llama-moe split must be one of {', '.join(SPLITS)}; got {self.split!r}.")
-        if self.router not in ROUTERS:
-            raise InputError(f"llama-moe router must be one of {', '.join(ROUTERS)}; got {self.router!r}.")
         if int(self.router_neurons) != self.router_neurons or self.router_neurons < 1:
             raise InputError(f"router_neurons must be >= 1, got {self.router_neurons}.")
-        if int(self.max_iters) != self.max_iters or self.max_iters < 1:
-            raise InputError(f"max_iters must be >= 1, got {self.max_iters}.")
-        _check_training(self)
-
-    def check(self, intermediate_sizes: list[int]) -> None:
-        check_experts_fit(self.experts, intermediate_sizes, self.method)
 
     def plan_from_activations(self, w: GatedWeights, x: torch.Tensor, layer: int) -> CalibratedPlan:
         return plan_llama_moe(w, x, self, layer)

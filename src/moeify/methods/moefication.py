@@ -209,11 +209,11 @@ def finish_plan(w: GatedWeights, x: torch.Tensor, h: torch.Tensor, plan: LayerPl
 
 
 @dataclasses.dataclass
-class MoEficationConfig(MethodConfig):
-    """E experts from balanced k-means on normalised W_gate rows; top-`active` (or `fraction` of E) per token."""
+class EqualExpertsConfig(MethodConfig):
+    """Settings shared by MoEfication and the LLaMA-MoE splits: E equal-size experts, top-`active`
+    (or `fraction` of E) per token, balanced k-means iterations, the seed and the MLP router's training."""
 
-    method = "moefication"
-    needs_calibration = True
+    routers = ("mlp", "centroid")  # the router kinds this method accepts (a class attribute, not a field)
 
     experts: int = 32
     active: int | None = None
@@ -229,28 +229,33 @@ class MoEficationConfig(MethodConfig):
     def __post_init__(self) -> None:
         self.active = resolve_active(self.experts, self.active, self.fraction, self.method)
         self.fraction = self.active / self.experts
-        if self.router not in ROUTERS:
-            raise InputError(f"moefication router must be one of {', '.join(ROUTERS)}; got {self.router!r}.")
-        _check_training(self)
+        if self.router not in self.routers:
+            raise InputError(f"{self.method} router must be one of {', '.join(self.routers)}; got {self.router!r}.")
         if int(self.max_iters) != self.max_iters or self.max_iters < 1:
             raise InputError(f"max_iters must be >= 1, got {self.max_iters}.")
+        for name in ("router_steps", "router_batch"):
+            v = getattr(self, name)
+            if int(v) != v or v < 1:
+                raise InputError(f"{name} must be a positive integer, got {v}.")
+        if not self.router_lr > 0:
+            raise InputError(f"router_lr must be positive, got {self.router_lr}.")
+        if self.router_hidden is not None and (int(self.router_hidden) != self.router_hidden or self.router_hidden < 1):
+            raise InputError(f"router_hidden must be a positive integer, got {self.router_hidden}.")
 
     def check(self, intermediate_sizes: list[int]) -> None:
         check_experts_fit(self.experts, intermediate_sizes, self.method)
 
+
+@dataclasses.dataclass
+class MoEficationConfig(EqualExpertsConfig):
+    """E experts from balanced k-means on normalised W_gate rows; top-`active` (or `fraction` of E) per token."""
+
+    method = "moefication"
+    needs_calibration = True
+    routers = ROUTERS
+
     def plan_from_activations(self, w: GatedWeights, x: torch.Tensor, layer: int) -> CalibratedPlan:
         return plan_moefication(w, x, self, layer)
-
-
-def _check_training(cfg) -> None:
-    for name in ("router_steps", "router_batch"):
-        v = getattr(cfg, name)
-        if int(v) != v or v < 1:
-            raise InputError(f"{name} must be a positive integer, got {v}.")
-    if not cfg.router_lr > 0:
-        raise InputError(f"router_lr must be positive, got {cfg.router_lr}.")
-    if cfg.router_hidden is not None and (int(cfg.router_hidden) != cfg.router_hidden or cfg.router_hidden < 1):
-        raise InputError(f"router_hidden must be a positive integer, got {cfg.router_hidden}.")
 
 
 def cluster_rows(rows: torch.Tensor, experts: int, seed: int, layer: int, max_iters: int) -> tuple[list[np.ndarray], int]:
