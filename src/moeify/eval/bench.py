@@ -340,13 +340,12 @@ def compare_models(
                 extra["attainable"] = {
                     "limit": att, "mlp_fraction": f, "dense_ms_per_token": 1e3 * t_dense, "no_mlp_ms_per_token": 1e3 * t_free,
                     "kind": "Amdahl: measured non-MLP time per token + MLP time scaled by the fraction of MLP weights read",
+                    "of_limit": (t_dense * statistics.median(runs["model"])) / att,
                 }
         else:
             bsz, seq = inputs[wl].shape
             limit = cost_b.prefill_flops(bsz, seq) / cost_m.prefill_flops(bsz, seq)
             kind = "matmul FLOPs (causal attention, one LM-head row per sequence)"
-        if "attainable" in extra:
-            extra["attainable"]["of_limit"] = (statistics.median(runs["model"]) / statistics.median(runs["baseline"])) / extra["attainable"]["limit"]
         results[wl] = {
             "unit": "tokens/s",
             "baseline": summarize(runs["baseline"]),

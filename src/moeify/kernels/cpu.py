@@ -86,7 +86,7 @@ class Prepared:
         self.static_gates = block.gate_u is None and getattr(block, "gate_mode", "unit") == "unit"
         self.unit = self.unit_scale and self.static_gates
         gate_cols, up_cols, neuron_expert = block._cols(x.device)
-        self.gate_cols, self.up_cols = gate_cols, up_cols
+        self.gate_cols, self.up_cols, self.neuron_expert = gate_cols, up_cols, neuron_expert
         self.neuron_scale = None if self.unit_scale else scale[neuron_expert].to(x.dtype)
         self.expert_scale_dense = None if self.unit_scale or not self.equal else scale.to(x.dtype)[:, None]
         self.router = None
@@ -292,7 +292,7 @@ def _masked(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, idx: torch.T
         g = gu.view(T, N, 2, p.experts[0][2])
         h = p.act(g[:, :, 0]).mul_(g[:, :, 1]).mul_(gate[:, :, None]).view(T, block.routed_size)
     else:
-        h = p.act(gu[:, p.gate_cols]).mul_(gu[:, p.up_cols]).mul_(gate[:, block._cols(x.device)[2]])
+        h = p.act(gu[:, p.gate_cols]).mul_(gu[:, p.up_cols]).mul_(gate[:, p.neuron_expert])
     _add(out, h, p.down)
     if p.bias is not None:  # `out` holds every expert's compensation; the selected experts' come off
         out.sub_(torch.mm(sel.to(p.acc), p.bias))
