@@ -17,7 +17,7 @@ from pathlib import Path
 
 import moeify
 from moeify.eval.perplexity import perplexity
-from moeify.texts import perplexity_windows
+from moeify.data.texts import perplexity_windows
 
 RUNS = {
     "paper": {"variant": "paper"},

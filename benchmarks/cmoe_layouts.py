@@ -20,7 +20,7 @@ import torch
 import moeify
 from moeify.eval.perplexity import perplexity
 from moeify.methods.prune import PruneConfig
-from moeify.texts import perplexity_windows
+from moeify.data.texts import perplexity_windows
 
 # The reference implementation measured by the issue on this protocol (dense 29.92).
 REFERENCE = {"S3A3E8": (60.01, 2.006, 91.5), "S1A3E8": (216.39, 7.23, 86.6), "S2A6E16": (209.89, 7.02, 117.1)}

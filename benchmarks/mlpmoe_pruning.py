@@ -18,7 +18,7 @@ import torch
 
 import moeify
 from moeify.eval.perplexity import perplexity
-from moeify.texts import perplexity_windows
+from moeify.data.texts import perplexity_windows
 
 
 def main() -> None:

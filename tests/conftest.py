@@ -90,7 +90,7 @@ def tiny_dir(tmp_path):
 
 def random_gated_weights(d_h: int = 96, H: int = 32, seed: int = 0):
     """A random SiLU-gated MLP (W_down scaled by 1/10), seeded."""
-    from moeify.moe import GatedWeights
+    from moeify.core.dense import GatedWeights
 
     g = torch.Generator().manual_seed(seed)
     return GatedWeights(torch.randn(d_h, H, generator=g), torch.randn(d_h, H, generator=g), torch.randn(H, d_h, generator=g) / 10, "silu")

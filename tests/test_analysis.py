@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import moeify
 from moeify.analysis.metrics import (activation_rate_histogram, adjusted_rand_index, best_subset_errors, expert_load, fvu, fvu_curves, jaccard,
                                      matched_gaussian, partition_agreement)
-from moeify.cli import app
+from moeify.cli.app import app
 from moeify.errors import InputError
 
 runner = CliRunner()
@@ -230,7 +230,7 @@ def test_moe_student_adds_exactly_the_selected_single_neuron_experts_with_unit_w
 
 def test_distillation_learns_a_representable_teacher():
     from moeify.analysis.distill import distill_layer
-    from moeify.moe import GatedWeights
+    from moeify.core.dense import GatedWeights
 
     g = torch.Generator().manual_seed(0)
     H = 16

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moeify import assets
+from moeify.data import assets
 from moeify.errors import AssetError, MoeifyError
 
 BOOKS = assets.AUSTEN_BOOKS
@@ -238,7 +238,7 @@ def test_real_austen_corpus():
         pytest.skip("SmolLM2 not pulled; token counts need its tokenizer")
     from transformers import AutoTokenizer
 
-    from moeify import texts
+    from moeify.data import texts
 
     tok = AutoTokenizer.from_pretrained(assets.default_model_dir())
     cal = texts.load_token_ids(tok, "austen", "calibration")

@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 import moeify
-from moeify.cli import app
-from moeify.eval import bench
-from moeify.moe import MoEMLP
+from moeify.cli.app import app
+from moeify.bench import bench
+from moeify.blocks.moe import MoEMLP
 
 from .conftest import tiny_model
 

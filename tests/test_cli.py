@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from moeify.cli import app
+from moeify.cli.app import app
 
 runner = CliRunner()
 

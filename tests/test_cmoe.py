@@ -11,10 +11,11 @@ import torch
 
 import moeify
 from moeify.errors import InputError
-from moeify.hierarchical import HierarchicalExperts
-from moeify.methods.cmoe import CMoEConfig, balanced_assignment, balanced_kmeans, plan_cmoe
-from moeify.methods.layout import parse_layout
-from moeify.moe import GatedWeights
+from moeify.blocks.hierarchical import HierarchicalExperts
+from moeify.methods.cmoe import CMoEConfig, plan_cmoe
+from moeify.methods.common import balanced_assignment, balanced_kmeans
+from moeify.core.layout import parse_layout
+from moeify.core.dense import GatedWeights
 
 from .conftest import DENSE_ARCHS, MOE_ARCHS, tiny_model
 
@@ -220,7 +221,7 @@ def test_calibrated_method_without_calibration_is_refused():
 
 
 def test_heldout_windows_never_overlap_calibration_windows():
-    from moeify.calibration import heldout_from
+    from moeify.data.calibration import heldout_from
 
     ids = torch.arange(1000)
     starts = [0, 300, 310, 700]
@@ -237,7 +238,7 @@ def test_prune_keeps_the_most_active_neurons():
 
     w = _weights(96)
     x = torch.randn(400, 32, generator=torch.Generator().manual_seed(2))
-    res = PruneConfig(layout="S1A3E8").plan_from_activations(w, x, 0)
+    res = PruneConfig(layout="S1A3E8").plan(w, x, 0)
     kept = res.plan.shared
     assert kept.size == 48 and res.plan.experts == []
     h = torch.nn.functional.silu(x @ w.gate.T) * (x @ w.up.T)
@@ -263,7 +264,7 @@ def test_prune_converts_and_removes_neurons():
 @pytest.mark.parametrize("layout", ["S1A2E8", "S0A3E6"])
 def test_block_computes_what_the_calibration_pass_predicted(variant, layout):
     """The next layer is fed from the plan's own output; the saved block must compute exactly that."""
-    from moeify.moe import MoEMLP
+    from moeify.blocks.moe import MoEMLP
 
     w = _weights(96)
     x = torch.randn(256, 32, generator=torch.Generator().manual_seed(4))
@@ -277,7 +278,7 @@ def test_block_computes_what_the_calibration_pass_predicted(variant, layout):
 
 
 def test_dropped_expert_compensation_is_the_mean_of_unselected_outputs():
-    from moeify.moe import MoEMLP
+    from moeify.blocks.moe import MoEMLP
 
     w = _weights(64)
     x = torch.randn(300, 32, generator=torch.Generator().manual_seed(6))
@@ -296,7 +297,7 @@ def test_dropped_expert_compensation_is_the_mean_of_unselected_outputs():
 def test_hierarchical_conversion_of_a_moeify_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from moeify.hierarchical import HierarchicalMoEMLP
+    from moeify.blocks.hierarchical import HierarchicalMoEMLP
 
     ids = _ids(2, 16, seed=3)
     dense = tiny_model("llama")

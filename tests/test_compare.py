@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 import moeify
-import moeify.api
-from moeify.cli import app
+import moeify.pipeline.convert
+from moeify.cli.app import app
 from moeify.compare import compare, method_config
 from moeify.errors import InputError
 
@@ -51,8 +51,8 @@ def test_compare_writes_reports_and_resume_reuses_runs(tiny_dir, texts, tmp_path
 
     # a second run must not convert anything again; a new fraction converts only its own runs
     calls = []
-    real = moeify.api.convert
-    monkeypatch.setattr(moeify.api, "convert", lambda *a, **k: calls.append(a[1].method) or real(*a, **k))
+    real = moeify.pipeline.convert.convert
+    monkeypatch.setattr(moeify.pipeline.convert, "convert", lambda *a, **k: calls.append(a[1].method) or real(*a, **k))
     again = compare(str(tiny_dir), methods, [0.5], out_dir=out, calibration=cal, ppl_source=str(texts), eval_seq_len=256, method_opts=OPTS, progress=False)
     assert calls == [] and all(r["reused"] for r in again["runs"])
     assert [r["ppl"] for r in again["runs"]] == [r["ppl"] for r in res["runs"]]

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import moeify
 from moeify.errors import InputError
-from moeify.io import check_weights, load_model
+from moeify.models.checkpoint import check_weights, load_model
 
 from .conftest import tiny_model
 
@@ -26,7 +26,7 @@ def test_unknown_architecture_names_the_supported_ones():
 def test_llama_like_unknown_type_is_auto_detected(probe_ids):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moeify.arch import spec_for
+    from moeify.models.arch import spec_for
 
     class MyConfig(LlamaConfig):
         model_type = "my_llama_clone"
@@ -113,14 +113,14 @@ def test_unknown_method_and_option():
 def test_mlp_bias_is_refused():
     from transformers import LlamaConfig
 
-    from moeify.arch import check_config_supported
+    from moeify.models.arch import check_config_supported
 
     with pytest.raises(InputError, match="mlp_bias"):
         check_config_supported(LlamaConfig(mlp_bias=True))
 
 
 def test_plan_validation_catches_lost_and_duplicate_neurons():
-    from moeify.plan import LayerPlan
+    from moeify.core.plan import LayerPlan
 
     with pytest.raises(InputError, match="covers 9 of 10"):
         LayerPlan(shared=[0], experts=[[1, 2, 3], [4, 5, 6, 7, 8]], top_k=1).validate(10)

@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moeify
-from moeify.arch import dense_weights, mlp_sites, spec_for
-from moeify.moe import GatedWeights, MoEMLP
-from moeify.plan import LayerPlan
+from moeify.models.arch import dense_weights, mlp_sites, spec_for
+from moeify.core.dense import GatedWeights
+from moeify.blocks.moe import MoEMLP
+from moeify.core.plan import LayerPlan
 
 from .conftest import DENSE_ARCHS, tiny_model
 
@@ -37,7 +38,7 @@ def test_adapter_reads_the_real_mlp(arch):
     model = tiny_model(arch)
     spec = spec_for(model)
     site = next(mlp_sites(model, spec))
-    act = moeify.arch.activation_name(model.config, spec)
+    act = moeify.models.arch.activation_name(model.config, spec)
     w = dense_weights(site.module, spec, act)
     x = torch.randn(7, model.config.hidden_size)
     with torch.no_grad():

@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 import moeify
-from moeify.cli import app
+from moeify.cli.app import app
 from moeify.errors import InputError
 from moeify.methods.expertweaver import ExpertWeaverConfig, plan_expertweaver
-from moeify.moe import GatedWeights
+from moeify.core.dense import GatedWeights
 
 from .conftest import tiny_model
 
@@ -25,11 +25,11 @@ def _weights(d_h=130, seed=0):
     return GatedWeights(torch.randn(d_h, H, generator=g), torch.randn(d_h, H, generator=g), torch.randn(H, d_h, generator=g) / 10, "silu")
 
 
-def _samples(cfg, n=6, L=40, s=10, tasks=(0, 0, 1, 1, 2, 2)):
+def _samples(n=6, L=40, s=10, tasks=(0, 0, 1, 1, 2, 2)):
+    """The run state ExpertWeaverConfig.prepare returns: which task each calibration sample belongs to."""
     per = L // s
-    cfg._samples = {"windows": n, "seq_len": L, "sample_len": s, "per_window": per,
-                    "sample_task": np.repeat(np.asarray(tasks), per), "task_names": ["a", "b", "c"], "tasks_present": 3}
-    return cfg
+    return {"windows": n, "seq_len": L, "sample_len": s, "per_window": per,
+            "sample_task": np.repeat(np.asarray(tasks), per), "task_names": ["a", "b", "c"], "tasks_present": 3}
 
 
 def _x(n=6, L=40, seed=1, task_scale=(1.0, 1.0, 1.0)):
@@ -39,9 +39,8 @@ def _x(n=6, L=40, seed=1, task_scale=(1.0, 1.0, 1.0)):
     return (x * scale[:, None, None]).reshape(-1, H)
 
 
-def _reference_profile(w, x, cfg):
+def _reference_profile(w, x, cfg, lay):
     """CV and mean |a| computed independently with numpy from the definitions in methods.md §3."""
-    lay = cfg._samples
     g = np.abs(torch.nn.functional.silu(x @ w.gate.T).numpy()).reshape(lay["windows"], lay["seq_len"], -1)
     per, s = lay["per_window"], lay["sample_len"]
     a = g[:, : per * s].reshape(lay["windows"], per, s, -1).mean(2).reshape(lay["windows"] * per, -1)
@@ -55,10 +54,10 @@ def _reference_profile(w, x, cfg):
 def test_layer_adaptive_share_partition_and_router(scales):
     w = _weights(130)
     x = _x(task_scale=scales)
-    cfg = _samples(ExpertWeaverConfig(experts=16, fraction=0.75, max_iters=5))
-    res = plan_expertweaver(w, x, cfg, 3)
+    cfg = ExpertWeaverConfig(experts=16, fraction=0.75, max_iters=5)
+    res = cfg.plan(w, x, 3, _samples())
     p, info = res.plan, res.info
-    importance, cv = _reference_profile(w, x, cfg)
+    importance, cv = _reference_profile(w, x, cfg, _samples())
     r = float((cv > cfg.tau).mean())
     assert info["specialisation_ratio"] == pytest.approx(r)
     assert info["alpha"] == pytest.approx(0.7 - 0.5 * r) and 0.2 <= info["alpha"] <= 0.7
@@ -80,15 +79,15 @@ def test_layer_adaptive_share_partition_and_router(scales):
 
 def test_share_is_capped_when_the_target_is_below_it():
     w, x = _weights(128), _x()
-    cfg = _samples(ExpertWeaverConfig(experts=16, fraction=0.25, alpha_min=0.1))  # alpha near 0.7 > 25 % active
-    info = plan_expertweaver(w, x, cfg, 0).info
+    cfg = ExpertWeaverConfig(experts=16, fraction=0.25, alpha_min=0.1)  # alpha near 0.7 > 25 % active
+    info = plan_expertweaver(w, x, cfg, 0, _samples()).info
     assert info["shared_capped"] and info["shared_experts"] == 3 and info["routed_top_k"] == 1
     assert info["total_active_experts"] == 4
 
 
 def test_deterministic_with_seed():
     w, x = _weights(), _x()
-    runs = [plan_expertweaver(w, x, _samples(ExpertWeaverConfig(experts=16, seed=s)), 0).plan for s in (0, 0, 5)]
+    runs = [plan_expertweaver(w, x, ExpertWeaverConfig(experts=16, seed=s), 0, _samples()).plan for s in (0, 0, 5)]
     assert all(np.array_equal(a, b) for a, b in zip(runs[0].experts, runs[1].experts))
     assert np.array_equal(runs[0].shared, runs[2].shared)  # the shared expert does not depend on the seed
 
@@ -135,11 +134,12 @@ def test_task_calibration_from_files_and_cli(tiny_dir, tmp_path):
         (tmp_path / name).write_text(" ".join(f"w{(i * step) % 126}" for i in range(300)))
     cal = moeify.Calibration.from_windows(_ids(2, 32, 0), _ids(1, 32, 9))
     cfg = ExpertWeaverConfig(experts=16, tasks=f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", task_windows=2, sample_len=16)
-    new = cfg.prepare_calibration(cal, tok)
+    new, state = cfg.prepare(cal, tok)
     win, held = new.windows(tok)
     assert win.shape == (2 + 2 * 2, 32) and torch.equal(win[:2], _ids(2, 32, 0))
-    assert cfg._samples["sample_task"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert cfg._samples["task_names"] == ["<windows>", "a.txt", "b.txt"] and "a.txt" in new.source
+    assert state["sample_task"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert state["task_names"] == ["<windows>", "a.txt", "b.txt"] and "a.txt" in new.source
+    assert "_samples" not in vars(cfg) and cfg.to_dict()["_data"]["tasks"] == cfg.tasks  # run state never lives on the config
     out = tmp_path / "o"
     r = CliRunner().invoke(app, ["convert", str(tiny_dir), "--method", "expertweaver", "--experts", "16", "--fraction", "0.5",
                                  "--profile-tasks", f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", "--calib", str(tmp_path / "a.txt"),
@@ -165,20 +165,19 @@ def test_bad_settings():
     with pytest.raises(InputError, match="alpha_min"):
         ExpertWeaverConfig(alpha_min=0.8, alpha_max=0.7)
     with pytest.raises(InputError, match="task samples"):
-        plan_expertweaver(_weights(), _x(), ExpertWeaverConfig(experts=16), 0)
+        plan_expertweaver(_weights(), _x(), ExpertWeaverConfig(experts=16), 0, None)
     with pytest.raises(InputError, match="dense MLPs only"):
-        plan_expertweaver(_weights(), _x()[:100], _samples(ExpertWeaverConfig(experts=16)), 0)
+        plan_expertweaver(_weights(), _x()[:100], ExpertWeaverConfig(experts=16), 0, _samples())
     with pytest.raises(InputError, match="no such file"):
-        ExpertWeaverConfig(tasks="/nonexistent/t.txt").prepare_calibration(moeify.Calibration.from_windows(_ids(1, 32, 0)), None)
+        ExpertWeaverConfig(tasks="/nonexistent/t.txt").prepare(moeify.Calibration.from_windows(_ids(1, 32, 0)), None)
 
 
 @pytest.mark.integration
 def test_real_task_calibration_labels_novels_and_local_formats():
     _, tok = moeify.load_model()
     cfg = ExpertWeaverConfig()
-    new = cfg.prepare_calibration(moeify.Calibration(), tok)
+    new, lay = cfg.prepare(moeify.Calibration(), tok)
     win, _ = new.windows(tok)
-    lay = cfg._samples
     assert win.shape == (8 + 3, 2048) and lay["sample_len"] == 256 and lay["per_window"] == 8
     assert lay["task_names"] == ["emma", "mansfieldpark", "prideprejudice", "sensesensibility", "code", "licences", "docs"]
     present = set(lay["sample_task"][: 8 * 8].tolist())

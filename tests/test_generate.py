@@ -15,9 +15,9 @@ import torch
 
 import moeify
 from moeify import kernels
-from moeify.arch import activation_name, dense_weights, mlp_sites, spec_for
-from moeify.moe import MoEMLP
-from moeify.plan import LayerPlan
+from moeify.models.arch import activation_name, dense_weights, mlp_sites, spec_for
+from moeify.blocks.moe import MoEMLP
+from moeify.core.plan import LayerPlan
 
 from .conftest import tiny_model
 
@@ -100,7 +100,7 @@ def test_generation_in_bfloat16_runs_the_fast_path():
 
 @pytest.mark.integration
 def test_smollm2_all_experts_active_generates_the_dense_tokens():
-    from moeify.texts import perplexity_windows
+    from moeify.data.texts import perplexity_windows
 
     dense, tok = moeify.load_model()
     ids = perplexity_windows(tok, quick=True)[:1, :32]

@@ -61,7 +61,7 @@ def test_austen_perplexity_of_exact_conversion_matches_dense(smollm2):
     import copy
 
     from moeify.eval.perplexity import compare_perplexity
-    from moeify.texts import perplexity_windows
+    from moeify.data.texts import perplexity_windows
 
     dense, tok = smollm2
     windows = perplexity_windows(tok, source="austen", quick=True)[:2, :512]
@@ -77,7 +77,7 @@ def test_cmoe_on_smollm2_routes_better_than_chance_and_beats_pruning(smollm2, tm
 
     from moeify.eval.perplexity import perplexity
     from moeify.methods.prune import PruneConfig
-    from moeify.texts import perplexity_windows
+    from moeify.data.texts import perplexity_windows
 
     dense, tok = smollm2
     cal = moeify.Calibration(source="austen", samples=4, seq_len=512, seed=0, heldout_tokens=1024)

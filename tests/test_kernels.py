@@ -20,8 +20,9 @@ import moeify
 from moeify import kernels
 from moeify.errors import InputError
 from moeify.kernels import cpu
-from moeify.moe import GatedWeights, MoEMLP
-from moeify.plan import LayerPlan
+from moeify.core.dense import GatedWeights
+from moeify.blocks.moe import MoEMLP
+from moeify.core.plan import LayerPlan
 
 from .conftest import tiny_model
 
@@ -255,7 +256,7 @@ def test_backend_choice_and_errors(monkeypatch):
 
 
 def test_hierarchical_sub_blocks_use_the_fast_path():
-    from moeify.hierarchical import HierarchicalExperts
+    from moeify.blocks.hierarchical import HierarchicalExperts
 
     cfgs = [_block(sizes=(6, 7, 5), shared=4, top_k=1, router="analytical", compensate=True, seed=s) for s in range(3)]
     hx = HierarchicalExperts(H, [b.layer_config for b in cfgs], "silu")

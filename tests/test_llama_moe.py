@@ -11,7 +11,7 @@ import torch
 import moeify
 from moeify.errors import InputError
 from moeify.methods.llama_moe import LlamaMoEConfig, plan_llama_moe
-from moeify.moe import GatedWeights
+from moeify.core.dense import GatedWeights
 
 from .conftest import random_gated_weights as _weights
 from .conftest import random_hidden as _x

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import moeify
-from moeify.cli import app
+from moeify.cli.app import app
 from moeify.errors import InputError
 from moeify.methods.cmoe import CMoEConfig, lowrank_factors
 

@@ -8,7 +8,8 @@ import torch
 
 import moeify
 from moeify.methods.mlpmoe import MLPMoEConfig, branch_slices, fractal_fade_keep, neuron_scores, plan_mlpmoe
-from moeify.moe import GatedWeights, MoEMLP
+from moeify.core.dense import GatedWeights
+from moeify.blocks.moe import MoEMLP
 
 
 def weights(d=120, h=16, seed=0, skew=True):

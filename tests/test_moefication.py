@@ -10,10 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 import moeify
-from moeify.cli import app
+from moeify.cli.app import app
 from moeify.errors import InputError
-from moeify.methods.moefication import MoEficationConfig, expert_mass, plan_moefication, topk_mask, train_mlp_router
-from moeify.moe import GatedWeights
+from moeify.methods.moefication import MoEficationConfig, plan_moefication
+from moeify.methods.common import expert_mass, topk_mask, train_mlp_router
+from moeify.core.dense import GatedWeights
 
 from .conftest import random_gated_weights as _weights
 from .conftest import random_hidden as _x
@@ -69,8 +70,8 @@ def test_trained_router_predicts_the_heavy_experts():
     cfg = MoEficationConfig(experts=8, active=2)
     res = plan_moefication(w, x, cfg, 0)
     xh = _x(T=512, seed=7)
-    from moeify.calibration.profile import hidden_activations
-    from moeify.moe import MLPRouter
+    from moeify.core.dense import hidden_activations
+    from moeify.blocks.routers import MLPRouter
 
     router = MLPRouter(8, 32, res.plan.router, "silu")
     router.load_state_dict(res.router_state)
@@ -131,7 +132,7 @@ def test_convert_cli(tiny_dir, tmp_path):
 def test_calibration_output_equals_the_built_block(make):
     from moeify.methods.expertweaver import ExpertWeaverConfig, plan_expertweaver
     from moeify.methods.llama_moe import LlamaMoEConfig, plan_llama_moe
-    from moeify.moe import MoEMLP
+    from moeify.blocks.moe import MoEMLP
 
     w, x = _weights(100), _x(T=240)
     if make.startswith("moefication"):
@@ -140,8 +141,8 @@ def test_calibration_output_equals_the_built_block(make):
         res = plan_llama_moe(w, x, LlamaMoEConfig(experts=8, active=3), 0)
     else:
         cfg = ExpertWeaverConfig(experts=10, active=6, alpha_min=0.1, downcycle=make.endswith("downcycle"), shared_ratio=0.2)
-        cfg._samples = {"windows": 6, "seq_len": 40, "sample_len": 10, "per_window": 4, "sample_task": np.repeat(np.arange(6) % 3, 4)}
-        res = plan_expertweaver(w, x, cfg, 0)
+        res = plan_expertweaver(w, x, cfg, 0, {"windows": 6, "seq_len": 40, "sample_len": 10, "per_window": 4,
+                                               "sample_task": np.repeat(np.arange(6) % 3, 4)})
     block = MoEMLP.from_dense(w, res.plan, res.router_state)
     with torch.no_grad():
         assert torch.allclose(res.output, block(x), atol=1e-5, rtol=1e-4)

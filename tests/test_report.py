@@ -10,7 +10,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from moeify.cli import app
+from moeify.cli.app import app
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeify import texts
+from moeify.data import texts
 from moeify.errors import InputError
 
 BOOKS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice",

@@ -70,7 +70,7 @@ def test_accuracy_matches_a_hand_computed_scoring(tmp_path):
     direct log-likelihood argmax over the same documents; the same model as baseline recovers 100 %."""
     from transformers import AutoTokenizer
 
-    from moeify.assets import pull_default_model
+    from moeify.data.assets import pull_default_model
 
     tok = AutoTokenizer.from_pretrained(str(pull_default_model()))
     model = tiny_model("llama", vocab_size=len(tok), seed=3)
@@ -109,7 +109,7 @@ def test_average_is_the_unweighted_task_mean_with_recovery_of_the_means():
 def test_cli_refuses_unknown_task_before_loading_the_model(tmp_path):
     from typer.testing import CliRunner
 
-    from moeify.cli import app
+    from moeify.cli.app import app
 
     r = CliRunner().invoke(app, ["eval", str(tmp_path / "does-not-exist"), "--tasks", "arc_easy,bogus_task_q"])
     assert r.exit_code == 2

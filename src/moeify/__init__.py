@@ -16,17 +16,17 @@ __version__ = "0.1.0"
 _logging.getLogger("moeify").addHandler(_logging.NullHandler())
 
 from .errors import AssetError, InputError, MoeifyError  # noqa: E402
-from .modeling import register_all as _register_all  # noqa: E402
+from .models.modeling import register_all as _register_all  # noqa: E402
 
 _register_all()
 
-from .api import convert, load, save  # noqa: E402
-from .config import MethodConfig, config_for, method_names  # noqa: E402
-from .io import load_model  # noqa: E402
-from .calibration import Calibration  # noqa: E402
+from .blocks.moe import MoEMLP  # noqa: E402
+from .core.method import LayerResult, MethodConfig, config_for, method_names  # noqa: E402
+from .core.plan import LayerPlan  # noqa: E402
+from .data.calibration import Calibration  # noqa: E402
 from .methods import CMoEConfig, ExpertWeaverConfig, LlamaMoEConfig, MLPMoEConfig, MoEficationConfig, PruneConfig  # noqa: E402
-from .moe import MoEMLP  # noqa: E402
-from .plan import LayerPlan  # noqa: E402
+from .models.checkpoint import load, load_model, save  # noqa: E402
+from .pipeline.convert import convert  # noqa: E402
 
 __all__ = [
     "AssetError",
@@ -35,6 +35,7 @@ __all__ = [
     "ExpertWeaverConfig",
     "InputError",
     "LayerPlan",
+    "LayerResult",
     "LlamaMoEConfig",
     "MLPMoEConfig",
     "MethodConfig",

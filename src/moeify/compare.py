@@ -8,23 +8,14 @@ everything that determines it (model, dtype, the calibration and evaluation toke
 windows, method and full config), so a re-run reuses finished work and a method
 added later is the only one computed. The aggregate is DIR/compare.json,
 DIR/compare.md (tables) and DIR/compare.png (perplexity ratio vs active MLP fraction,
-log y axis); with ExpertWeaver also DIR/expertweaver_shares.png (alpha_l across depth).
+log y axis), plus any figures the methods add.
 
-Active fraction -> configuration, per method (an unreachable fraction is an error that
-names the nearest reachable one):
-
-=====================  ==================================================================
-cmoe                   E = 8: 0.75 -> S3A3E8, 0.5 -> S1A3E8, 0.25 -> S1A1E8 (issue 4's
-                       layouts); other k/8 -> S1A(k-1)E8, 1/8 -> S0A1E8
-expertweaver           N_e = 64, k = f x 64 experts active in total per layer (f = j/64,
-                       k above the alpha_min share: f >= 14/64)
-moefication            E = 32 experts, top-(f x 32), trained MLP router (f = j/32)
-llama-moe-random       E = 16 experts, random split, top-(f x 16), analytical router
-llama-moe-cluster      E = 16 experts, gate-row clustering split, as above
-prune                  keep round(f x d_h) neurons with the highest activation rate (any f)
-mlpmoe                 B = 8 branches, compensated pruning drops (1 - f) x 8 whole branches
-                       and rescales the rest (f = j/8; data-free)
-=====================  ==================================================================
+Which configuration runs at an active fraction is each method's own `for_fraction`
+(an unreachable fraction is an error that names the nearest reachable one); the
+table labels are its `describe()`; a method may add per-run details, markdown lines
+and figures (`compare_details`, `compare_markdown`, `compare_figures`, e.g.
+ExpertWeaver's shared share across depth). Names are method names, or a method's
+`variants` (llama-moe-random and llama-moe-cluster).
 """
 
 from __future__ import annotations
@@ -34,72 +25,62 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .config import MethodConfig
+from .core.files import atomic_write, write_json
+from .core.method import METHODS, MethodConfig
 from .errors import InputError
 
 log = logging.getLogger("moeify")
 
-METHODS = ("cmoe", "expertweaver", "moefication", "llama-moe-random", "llama-moe-cluster", "prune", "mlpmoe")
 DEFAULT_METHODS = ("cmoe", "expertweaver", "moefication", "llama-moe-random", "prune", "mlpmoe")
 DEFAULT_ACTIVE = (0.75, 0.5, 0.25)
-CMOE_LAYOUTS = {0.75: "S3A3E8", 0.5: "S1A3E8", 0.25: "S1A1E8"}
 FORMAT = 1
 
 
-def _multiple(method: str, f: float, n: int, what: str) -> int:
-    k = f * n
-    if abs(k - round(k)) > 1e-6 or round(k) < 1:
-        near = min(max(1, round(k)), n)
-        raise InputError(f"{method}: active fraction {f:g} is not reachable with {what}; the nearest reachable fraction is "
-                         f"{near / n:g} ({near}/{n}); use multiples of 1/{n}.")
-    return int(round(k))
+def method_entry(name: str) -> tuple[type[MethodConfig], dict[str, Any]]:
+    """(method class, fixed options) for a compare name: a method's name, or one of its `variants`."""
+    for cls in _registry().values():
+        if name == cls.method and not cls.variants:
+            return cls, {}
+        if name in cls.variants:
+            return cls, dict(cls.variants[name])
+    raise InputError(f"unknown method {name!r} for compare; available: {', '.join(compare_names())}.")
+
+
+def _registry() -> dict[str, type[MethodConfig]]:
+    return dict(METHODS)
+
+
+def compare_names() -> list[str]:
+    """Every name compare accepts: methods without variants, and each variant of the others."""
+    names = []
+    for cls in _registry().values():
+        names += list(cls.variants) if cls.variants else [cls.method]
+    return names
 
 
 def method_config(name: str, fraction: float, opts: dict[str, Any] | None = None) -> MethodConfig:
-    """The configuration `compare` uses for method `name` at active MLP fraction `fraction` (see the module table)."""
-    from . import methods as m
-
-    opts = dict(opts or {})
+    """The configuration `compare` uses for method `name` at active MLP fraction `fraction` (the method's for_fraction)."""
     f = float(fraction)
     if not 0.0 < f <= 1.0:
         raise InputError(f"active fractions must be in (0, 1]; got {f:g}.")
-    if name == "cmoe":
-        if "layout" in opts:
-            raise InputError("compare picks the CMoE layout from the active fraction; pass other CMoE options only.")
-        layout = next((lay for k, lay in CMOE_LAYOUTS.items() if abs(k - f) < 1e-9), None)
-        if layout is None:
-            k = _multiple(name, f, 8, "8 experts of d_h / 8 neurons")
-            layout = "S8A0E8" if k == 8 else (f"S1A{k - 1}E8" if k >= 2 else "S0A1E8")
-        return m.CMoEConfig(layout=layout, **opts)
-    if name == "expertweaver":
-        return m.ExpertWeaverConfig(fraction=f, **opts)
-    if name == "moefication":
-        return m.MoEficationConfig(fraction=f, **opts)
-    if name in ("llama-moe-random", "llama-moe-cluster"):
-        return m.LlamaMoEConfig(fraction=f, split=name.rsplit("-", 1)[1], **opts)
-    if name == "prune":
-        return m.PruneConfig(fraction=f, **opts)
-    if name == "mlpmoe":
-        b = int(opts.pop("branches", 8))
-        k = _multiple(name, f, b, f"{b} branches dropped whole")
-        return m.MLPMoEConfig(branches=b, prune=1.0 - k / b, prune_mode=opts.pop("prune_mode", "compensated"), **opts)
-    raise InputError(f"unknown method {name!r} for compare; available: {', '.join(METHODS)}.")
+    cls, fixed = method_entry(name)
+    return cls.for_fraction(f, **{**fixed, **dict(opts or {})})
 
 
 def parse_methods(text: str | list[str]) -> list[str]:
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     if not names:
         raise InputError(f"give at least one method, e.g. --methods {','.join(DEFAULT_METHODS)}.")
-    bad = [n for n in names if n not in METHODS]
+    known = compare_names()
+    bad = [n for n in names if n not in known]
     if bad:
-        raise InputError(f"unknown method(s) {bad} for compare; available: {', '.join(METHODS)}.")
+        raise InputError(f"unknown method(s) {bad} for compare; available: {', '.join(known)}.")
     return list(dict.fromkeys(names))
 
 
@@ -119,22 +100,6 @@ def _hash(obj: Any) -> str:
 
 def _tensor_hash(t: torch.Tensor | None) -> str | None:
     return None if t is None else hashlib.sha256(t.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
 
 def _run_file(runs: Path, name: str, fraction: float, key: str) -> Path:
@@ -161,11 +126,11 @@ def compare(
 
     Returns the aggregate result (also written to out_dir/compare.json); see the module docstring.
     """
-    from . import api
-    from .calibration import Calibration
+    from .pipeline.convert import config_intermediate_sizes, convert
+    from .data.calibration import Calibration
     from .eval.perplexity import perplexity
-    from .io import load_config, load_model, resolve_model_path
-    from .texts import perplexity_windows
+    from .models.checkpoint import load_config, load_model, resolve_model_path
+    from .data.texts import perplexity_windows
 
     names = parse_methods(methods)
     fractions = parse_fractions(active)
@@ -180,7 +145,7 @@ def compare(
     # fraction-major order: an interrupted run leaves every method compared at the first fractions
     configs = {(n, f): method_config(n, f, method_opts.get(n)) for f in fractions for n in names}
     path = resolve_model_path(model)
-    sizes = api._config_intermediate_sizes(load_config(path))
+    sizes = config_intermediate_sizes(load_config(path))
     for cfg in configs.values():
         cfg.check(sizes)
     out = Path(out_dir)
@@ -209,7 +174,7 @@ def compare(
     else:
         r = perplexity(dense, windows, progress=progress)
         dense_res = {"ppl": r["ppl"], "nll": r["nll"], "windows": r["windows"], "tokens": r["tokens"], "seconds": r["seconds"]}
-        _write_json(dense_file, dense_res)
+        write_json(dense_file, dense_res)
     log.info("dense perplexity %.4f on %d windows", dense_res["ppl"], dense_res["windows"])
 
     rows = []
@@ -222,17 +187,17 @@ def compare(
             log.info("%s at %g: reused %s", name, f, file.name)
         else:
             try:
-                row = _run_one(dense, tok, name, f, cfg, calibration, windows, dense_res["ppl"], progress, perplexity, api.convert)
+                row = _run_one(dense, tok, name, f, cfg, calibration, windows, dense_res["ppl"], progress, perplexity, convert)
             except Exception as e:  # noqa: BLE001
                 # an hour-long comparison goes on with the other runs; the failure (with its traceback in the log) is
                 # reported in the results, not cached, so a re-run retries exactly the failed runs
                 log.exception("%s at %g failed: %s: %s", name, f, type(e).__name__, e)
-                rows.append({"method": name, "active_target": f, "setting": _describe(cfg), "error": f"{type(e).__name__}: {e}"})
+                rows.append({"method": name, "active_target": f, "setting": cfg.describe(), "error": f"{type(e).__name__}: {e}"})
                 if on_result is not None:
                     on_result(rows[-1])
                 continue
             row["key"] = key
-            _write_json(file, row)
+            write_json(file, row)
             row["reused"] = False
         rows.append(row)
         if on_result is not None:
@@ -248,30 +213,15 @@ def compare(
         "calibration": {k: v for k, v in cal_key.items()},
         "methods": names,
         "active": fractions,
-        "fraction_map": {n: {f"{f:g}": _describe(configs[(n, f)]) for f in fractions} for n in names},
+        "fraction_map": {n: {f"{f:g}": configs[(n, f)].describe() for f in fractions} for n in names},
         "runs": rows,
     }
     write_reports(result, out)
     return result
 
 
-def _describe(cfg: MethodConfig) -> str:
-    d = cfg.to_dict()["_data"]
-    if cfg.method == "cmoe":
-        return d["layout"]
-    if cfg.method == "mlpmoe":
-        return f"B={d['branches']}, prune {d['prune']:g} ({d['prune_mode']})"
-    if cfg.method == "prune":
-        return f"keep {d['fraction']:g} of neurons (by {d['score']})"
-    if cfg.method == "expertweaver":
-        return f"N_e={d['experts']}, {d['active']} active in total"
-    if cfg.method == "llama-moe":
-        return f"{d['split']} split, E={d['experts']}, top-{d['active']}, {d['router']} router"
-    return f"E={d['experts']}, top-{d['active']}, {d['router']} router"
-
-
 def _run_one(dense, tok, name, f, cfg, calibration, windows, dense_ppl, progress, perplexity, convert) -> dict[str, Any]:
-    log.info("%s at active fraction %g: converting (%s)", name, f, _describe(cfg))
+    log.info("%s at active fraction %g: converting (%s)", name, f, cfg.describe())
     t0 = time.perf_counter()
     conv = convert(copy.deepcopy(dense), cfg, calibration=calibration if cfg.needs_calibration else None, tokenizer=tok, progress=progress)
     seconds = time.perf_counter() - t0
@@ -281,7 +231,7 @@ def _run_one(dense, tok, name, f, cfg, calibration, windows, dense_ppl, progress
     row: dict[str, Any] = {
         "method": name,
         "active_target": f,
-        "setting": _describe(cfg),
+        "setting": cfg.describe(),
         "config": cfg.to_dict()["_data"],
         "active_mlp_fraction": s["active_mlp_fraction"],
         "mlp_params_removed_fraction": s["mlp_params_removed_fraction"],
@@ -294,9 +244,9 @@ def _run_one(dense, tok, name, f, cfg, calibration, windows, dense_ppl, progress
     for k in ("router_fidelity", "calibration_error", "heldout_rel_error_router", "heldout_rel_error_oracle"):
         if k in s:
             row[k] = s[k]
-    if per_layer and "alpha" in per_layer[0]:
-        row["expertweaver"] = {k: [lay.get(k) for lay in per_layer] for k in
-                               ("alpha", "alpha_effective", "specialisation_ratio", "shared_experts", "routed_top_k", "total_active_experts")}
+    extras = cfg.compare_details(s)
+    if extras:
+        row[cfg.method] = extras
         row["calibration_source"] = s.get("calibration", {}).get("source")
     log.info("%s at %g: ppl %.4f, ratio %.4f (convert %.1f s, eval %.1f s)", name, f, r["ppl"], row["ratio"], seconds, r["seconds"])
     del conv
@@ -327,14 +277,8 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['ratio']:.3f} | {fid} | {r['convert_seconds']:.1f} |")
     for r in failed:
         lines.append(f"| {r['method']} | {r['active_target']:g} | {r['setting']} | failed: {r['error']} | | | | |")
-    ew = [r for r in rows if "expertweaver" in r]
-    if ew:
-        lines += ["", "ExpertWeaver shared share per layer (alpha_l from the specialisation ratio; effective = built):", ""]
-        for r in ew:
-            a = r["expertweaver"]
-            lines.append(f"- {r['active_target']:.0%} active: alpha_l {min(a['alpha']):.3f}..{max(a['alpha']):.3f}, "
-                         f"effective {min(a['alpha_effective']):.3f}..{max(a['alpha_effective']):.3f}, routed top-k "
-                         f"{min(a['routed_top_k'])}..{max(a['routed_top_k'])}, total active experts {sorted(set(a['total_active_experts']))}")
+    for cls in _classes(result):
+        lines += cls.compare_markdown([r for r in rows if cls.method in r])
     return "\n".join(lines) + "\n"
 
 
@@ -357,48 +301,29 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
 
 
-def plot_shares(result: dict[str, Any], path: Path) -> bool:
-    ew = [r for r in result["runs"] if "expertweaver" in r]
-    if not ew:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in ew:
-        a = r["expertweaver"]
-        line, = ax.plot(range(len(a["alpha"])), a["alpha"], marker=".", label=f"alpha_l ({r['active_target']:.0%} active)")
-        ax.plot(range(len(a["alpha"])), a["alpha_effective"], linestyle=":", color=line.get_color(),
-                label=f"built share ({r['active_target']:.0%} active)")
-    cfg = ew[0]["config"]
-    for v in (cfg["alpha_min"], cfg["alpha_max"]):
-        ax.axhline(v, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("shared share of the MLP neurons")
-    ax.set_title("ExpertWeaver layer-adaptive shared share")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
-    return True
+def _classes(result: dict[str, Any]) -> list[type[MethodConfig]]:
+    """The method classes of the compared names, each once."""
+    out = []
+    for n in result["methods"]:
+        cls = method_entry(n)[0]
+        if cls not in out:
+            out.append(cls)
+    return out
 
 
 def write_reports(result: dict[str, Any], out: Path) -> dict[str, str]:
     files = {"json": out / "compare.json", "markdown": out / "compare.md", "plot": out / "compare.png"}
-    _atomic_write(files["markdown"], lambda p: p.write_text(markdown(result)))
+    atomic_write(files["markdown"], lambda p: p.write_text(markdown(result)))
     plot(result, files["plot"])
-    if plot_shares(result, out / "expertweaver_shares.png"):
-        files["shares_plot"] = out / "expertweaver_shares.png"
+    for cls in _classes(result):
+        files.update(cls.compare_figures([r for r in result["runs"] if cls.method in r and "error" not in r], out))
     result["files"] = {k: str(v) for k, v in files.items()}
-    _write_json(files["json"], result)
+    write_json(files["json"], result)
     return result["files"]
 
 
-__all__ = ["compare", "method_config", "markdown", "plot", "METHODS", "DEFAULT_METHODS", "CMOE_LAYOUTS"]
+__all__ = ["compare", "compare_names", "method_config", "markdown", "plot", "DEFAULT_METHODS"]

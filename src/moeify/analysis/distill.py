@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from ..moe import GatedWeights, activation
+from ..core.dense import GatedWeights, activation
 from .metrics import fvu, matched_gaussian
 
 log = logging.getLogger("moeify")

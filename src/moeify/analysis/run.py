@@ -29,12 +29,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..arch import activation_name, decoder_layers, dense_weights, mlp_sites, spec_for
-from ..calibration.profile import hidden_activations
-from ..config import MethodConfig
-from ..diagnostics import router_fidelity
+from ..models.arch import activation_name, decoder_layers, dense_weights, mlp_sites, spec_for
+from ..core.dense import hidden_activations
+from ..core.method import MethodConfig
+from ..blocks.diagnostics import router_fidelity
 from ..errors import InputError
-from ..moe import GatedWeights, MoEMLP
+from ..core.dense import GatedWeights
+from ..blocks.moe import MoEMLP
 from .metrics import activation_rate_histogram, expert_load, fvu, fvu_curves, matched_gaussian, partition_agreement, static_fvu
 
 log = logging.getLogger("moeify")
@@ -86,7 +87,7 @@ class AnalysisSettings:
 
 def token_sets(tokenizer, s: AnalysisSettings, calib_source: str) -> dict[str, torch.Tensor]:
     """{'heldout', 'calib_a', 'calib_b'} token windows; the two calibration subsets never overlap."""
-    from ..texts import heldout_windows, load_token_ids
+    from ..data.texts import heldout_windows, load_token_ids
 
     held_ids = load_token_ids(tokenizer, s.heldout, "heldout")
     L = min(s.seq_len, s.heldout_tokens)
@@ -107,26 +108,15 @@ def token_sets(tokenizer, s: AnalysisSettings, calib_source: str) -> dict[str, t
 
 def layer_inputs(model, sets: dict[str, torch.Tensor], batch_size: int, last_layer: int | None = None) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
     """(site, {set name: MLP inputs [T, H]}) layer after layer, through the model as it is (converted)."""
-    from ..calibration.pipeline import _Stream
+    from ..pipeline.stream import LayerStream
 
     spec = spec_for(model)
-    streams = {k: _Stream(model, spec, ids, batch_size) for k, ids in sets.items()}
+    streams = {k: LayerStream(model, spec, ids, batch_size) for k, ids in sets.items()}
     layers = decoder_layers(model, spec)
     for site in mlp_sites(model, spec):
         if last_layer is not None and site.layer > last_layer:
             return
-        xs = {}
-        for name, st in streams.items():
-            store: list[torch.Tensor] = []
-            hook = site.module.register_forward_pre_hook(lambda m, a, kw: store.append(
-                (a[0] if a else kw["hidden_states"]).detach().reshape(-1, model.config.hidden_size)), with_kwargs=True)
-            try:
-                outs = st.run_layer(layers[site.layer], site.layer)
-            finally:
-                hook.remove()
-            st.batches = [[o, b[1]] for o, b in zip(outs, st.batches)]
-            xs[name] = torch.cat(store).float()
-        yield site, xs
+        yield site, {name: st.step(layers[site.layer], site.layer, record=site.module).float() for name, st in streams.items()}
 
 
 # --------------------------------------------------------------------------- one layer
@@ -182,9 +172,9 @@ def _fvu_from_rel(F: torch.Tensor, rel: float) -> float:
 
 
 def _replan(cfg: MethodConfig, w: GatedWeights, x: torch.Tensor, layer: int):
-    res = cfg.plan_from_activations(w, x, layer)
-    res.plan.validate(w.intermediate_size, layer=layer, allow_missing=getattr(cfg, "allow_missing", False))
-    return res
+    from ..pipeline.layer import plan_layer
+
+    return plan_layer(cfg, w, x, layer)[0]
 
 
 def analyze_layer(block: MoEMLP, w: GatedWeights, xs: dict[str, torch.Tensor], cfg: MethodConfig | None, s: AnalysisSettings,
@@ -221,13 +211,13 @@ def analyze_layer(block: MoEMLP, w: GatedWeights, xs: dict[str, torch.Tensor], c
     if s.gaussian:
         xg = matched_gaussian(xh, xh.shape[0], s.seed + 1000 * layer)
         sm["gaussian"] = _curves(w, xg, shared, experts, block.router(xg) if routed_active else None, ks)
-        if cfg is not None and hasattr(cfg, "plan_from_activations") and N:
+        if cfg is not None and cfg.needs_calibration and N:
             fit = matched_gaussian(xh, xs.get("calib_a", xh).shape[0], s.seed + 1000 * layer + 1)
             gp = _replan(cfg, w, fit, layer).plan
             sm["gaussian_refit"] = _curves(w, xg, gp.shared, gp.experts, None, ks)
             sm["gaussian_refit"]["shared"] = int(gp.shared.size)
     out["secret_moe"] = sm
-    if cfg is not None and hasattr(cfg, "plan_from_activations") and "calib_a" in xs and N:
+    if cfg is not None and cfg.needs_calibration and "calib_a" in xs and N:
         res_a = _replan(cfg, w, xs["calib_a"], layer)
         if s.stability:
             res_b = _replan(cfg, w, xs["calib_b"], layer)
@@ -238,7 +228,7 @@ def analyze_layer(block: MoEMLP, w: GatedWeights, xs: dict[str, torch.Tensor], c
                                 "tokens_per_subset": int(xs["calib_a"].shape[0])}
         if routed_active and s.ranks and "router_rank" in {f.name for f in dataclasses.fields(cfg)}:
             out["lowrank"] = _lowrank(cfg, w, xs["calib_a"], xh, F, res_a, s.ranks, layer)
-    elif cfg is not None and not hasattr(cfg, "plan_from_activations"):
+    elif cfg is not None and not cfg.needs_calibration:
         out["stability"] = {"not_applicable": f"{cfg.method} plans from the weights alone; the same weights always give the same plan"}
     return out
 
@@ -262,7 +252,7 @@ def analyze(path: str, settings: AnalysisSettings | None = None, *, progress: bo
     """Analyse a moeify checkpoint folder (or a converted in-memory model) layer by layer; returns the analysis JSON."""
     from tqdm.auto import tqdm
 
-    from ..io import load_model
+    from ..models.checkpoint import load_model
 
     s = settings or AnalysisSettings()
     t0 = time.perf_counter()
@@ -297,7 +287,7 @@ def analyze(path: str, settings: AnalysisSettings | None = None, *, progress: bo
     skipped: list[dict[str, Any]] = []
     distill_inputs: dict[str, torch.Tensor] | None = None
     distill_layer = s.distill_layer if s.distill_layer is not None else wanted[len(wanted) // 2]
-    from ..hierarchical import HierarchicalMoEMLP
+    from ..blocks.hierarchical import HierarchicalMoEMLP
 
     bar = tqdm(total=len(wanted), desc="analyze", unit="layer", disable=not progress)
     with torch.no_grad():
@@ -348,7 +338,7 @@ def _block_shape(model, spec, layer: int) -> dict[str, int]:
 
 
 def _base_sites(mo: dict, spec) -> list:
-    from ..io import load_model
+    from ..models.checkpoint import load_model
 
     name = (mo.get("provenance") or {}).get("base_model")
     if not name:

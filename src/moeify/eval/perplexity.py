@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeify.errors import InputError
+from ..errors import InputError
 
 logger = logging.getLogger("moeify")
 

@@ -74,7 +74,7 @@ def parse_limits(spec: str | None, tasks: list[str]) -> dict[str, int | None]:
 
 
 def _local_loader(task: str) -> Callable[..., Any]:
-    from ..assets import pull_zero_shot_data
+    from ..data.assets import pull_zero_shot_data
 
     folder, fix = LOCAL_TASKS[task]
 

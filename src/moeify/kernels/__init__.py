@@ -15,7 +15,8 @@ Backends (the `kernel` of a MoEMLP; `None` picks one per call):
 While autograd records (training, fine-tuning the gates) the reference path runs:
 the fast paths use in-place updates that autograd cannot differentiate through.
 
-This package imports only torch; Triton is imported when the Triton backend is
+This package imports only torch and moeify.core (it sits below the blocks it runs);
+Triton is imported when the Triton backend is
 first used.
 """
 
@@ -94,15 +95,14 @@ def get(name: str) -> Kernel:
 
 
 def use(model: nn.Module, backend: str = "auto") -> int:
-    """Set the expert-execution backend of every MoE block in `model`; returns how many blocks."""
-    from ..moe import MoEMLP
-
+    """Set the expert-execution backend of every MoE block in `model` (every module with a
+    `forward_reference`, the interface kernels run); returns how many blocks."""
     if backend not in BACKENDS:
         raise InputError(f"unknown kernel backend {backend!r}; use one of {', '.join(BACKENDS)}.")
     kernel = None if backend == "auto" else get(backend)
     n = 0
     for m in model.modules():
-        if isinstance(m, MoEMLP):
+        if callable(getattr(m, "forward_reference", None)):
             m.kernel = kernel
             n += 1
     return n

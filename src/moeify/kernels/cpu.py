@@ -22,6 +22,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ..core.dense import accumulation_dtype
+
 # Functional forms of transformers' activation modules: calling an nn.Module costs
 # more dispatch than the op itself at batch 1 (checked equal in tests/test_kernels.py).
 _FUNCTIONAL = {
@@ -37,15 +39,14 @@ def activation_fn(block):
     return _FUNCTIONAL.get(block.act, block.act_fn)
 
 
-# Router specs whose AnalyticalRouter computation is inlined below (anything else calls the router module).
+# Router spec keys the inlined computation below covers (a router with other settings is called as a module).
 _INLINE_ROUTER_KEYS = {"type", "neurons", "absolute", "normalize", "rank"}
 
 
-def _inline_router(block) -> bool:
-    from ..moe import AnalyticalRouter
-
+def _fused_router(block) -> tuple | None:
+    """The router's inline form (see blocks/routers.py Router.fused_form), or None to call the router module."""
     spec = block.layer_config.get("router") or {}
-    return type(block.router) is AnalyticalRouter and set(spec) <= _INLINE_ROUTER_KEYS
+    return block.router.fused_form() if set(spec) <= _INLINE_ROUTER_KEYS else None
 
 
 def _state_key(block, x: torch.Tensor) -> tuple:
@@ -63,7 +64,7 @@ class Prepared:
     """Everything about a block that does not depend on the input, for one device and dtype."""
 
     def __init__(self, block, x: torch.Tensor):
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        acc = accumulation_dtype(x.dtype)
         self.acc = acc
         self.act = activation_fn(block)
         gu, down = block.gate_up.detach(), block.down.detach()
@@ -90,10 +91,8 @@ class Prepared:
         self.neuron_scale = None if self.unit_scale else scale[neuron_expert].to(x.dtype)
         self.expert_scale_dense = None if self.unit_scale or not self.equal else scale.to(x.dtype)[:, None]
         self.router = None
-        if block.num_experts and _inline_router(block):
-            r = block.router  # float32 like the module (a copy only for half-precision weights, which are small here)
-            f = lambda t: t.detach().float().t()  # noqa: E731
-            self.router = (r.n, r.normalize, r.absolute, None if r.proj is None else f(r.proj), f(r.gate_up), f(r.combine))
+        if block.num_experts:
+            self.router = _fused_router(block)
         self.has_selection_bias = bool(block.selection_bias.any())
         self.selection_bias = block.selection_bias.detach().float()
         self.bias = None

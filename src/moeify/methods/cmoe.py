@@ -1,5 +1,5 @@
 """CMoE (arXiv 2502.04416): activation-rate profiling, shared experts, balanced
-clustering by linear assignment, an analytical router (../shared/docs/methods.md §2).
+clustering by linear assignment, an analytical router (docs/methods.md §2).
 
 Per layer, on the MLP inputs X of the calibration tokens:
 
@@ -42,12 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import MethodConfig
+from ..core.dense import GatedWeights, activation, check_finite_output, hidden_activations
+from ..core.layout import Layout, check_layout_fits, parse_layout
+from ..core.method import LayerResult, MethodConfig, multiple_of
+from ..core.plan import LayerPlan
 from ..errors import InputError
-from ..moe import GatedWeights, activation
-from ..plan import LayerPlan
-from ..calibration.profile import CalibratedPlan, check_finite_output, hidden_activations
-from .layout import Layout, check_layout_fits, parse_layout
+from .common import activation_rates, balanced_kmeans, order_desc, topk_mask
 
 log = logging.getLogger("moeify")
 
@@ -56,6 +56,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "reference": dict(marking="cosine", shared_by="rate", features="marks", max_iters=1, router="representative", absolute=True, normalize=True, compensate=False),
     "moeify": dict(marking="real", shared_by="rate", features="contribution", max_iters=20, router="fitted", absolute=True, normalize=False, compensate=True),
 }
+FRACTION_LAYOUTS = {0.75: "S3A3E8", 0.5: "S1A3E8", 0.25: "S1A1E8"}  # the layouts of the CMoE paper's tables
 CHOICES = {
     "marking": ("real", "cosine"),
     "shared_by": ("rate", "contribution"),
@@ -123,8 +124,22 @@ class CMoEConfig(MethodConfig):
             if d_h and self.k_act > d_h:
                 raise InputError(f"layer {i}: K_a={self.k_act} marks more neurons than the {d_h} the MLP has.")
 
-    def plan_from_activations(self, w: GatedWeights, x: torch.Tensor, layer: int) -> "CalibratedPlan":
-        return plan_cmoe(w, x, self, layer)
+    def plan(self, weights: GatedWeights, x: torch.Tensor, layer: int, state=None) -> LayerResult:
+        return plan_cmoe(weights, x, self, layer)
+
+    @classmethod
+    def for_fraction(cls, fraction: float, **opts) -> "CMoEConfig":
+        """E = 8: 0.75 -> S3A3E8, 0.5 -> S1A3E8, 0.25 -> S1A1E8; other k/8 -> S1A(k-1)E8, 1/8 -> S0A1E8."""
+        if "layout" in opts:
+            raise InputError("compare picks the CMoE layout from the active fraction; pass other CMoE options only.")
+        layout = next((lay for f, lay in FRACTION_LAYOUTS.items() if abs(f - fraction) < 1e-9), None)
+        if layout is None:
+            k = multiple_of(cls.method, fraction, 8, "8 experts of d_h / 8 neurons")
+            layout = "S8A0E8" if k == 8 else (f"S1A{k - 1}E8" if k >= 2 else "S0A1E8")
+        return cls(layout=layout, **opts)
+
+    def describe(self) -> str:
+        return str(self.layout)
 
 
 
@@ -141,125 +156,17 @@ def cosine_scores(w: GatedWeights, x: torch.Tensor) -> torch.Tensor:
     return (activation(w.act)(xn @ g.T) * (xn @ u.T)).abs()
 
 
-def activation_rates(marks: torch.Tensor, d_h: int) -> torch.Tensor:
-    return torch.bincount(marks.reshape(-1), minlength=d_h).double() / marks.shape[0]
 
 
-def order_desc(values: np.ndarray) -> np.ndarray:
-    """Indices by decreasing value, ties by increasing index (deterministic)."""
-    return np.lexsort((np.arange(values.size), -values))
 
 
 # --------------------------------------------------------------------------- balanced clustering
 
 
-def balanced_assignment(cost: np.ndarray, sizes: list[int], solver: str = "auto") -> np.ndarray:
-    """Assign each of n items to a cluster, cluster j receiving exactly sizes[j] items, minimising total cost.
-
-    cost: [n, N] item-to-cluster costs with sum(sizes) == n. This is a linear assignment
-    problem whose columns repeat cluster j sizes[j] times. solver="scipy" solves that n x n
-    problem with scipy's Jonker-Volgenant linear_sum_assignment; solver="paths" solves the
-    same problem exactly with the Hungarian method's row-by-row shortest augmenting paths,
-    which with repeated columns only visit the N cluster nodes (O(n N^2) numpy work per
-    row instead of an n x n search; 10-100x faster for the few-cluster case). "auto"
-    picks "paths" for N <= 64. Both return an optimal assignment.
-    """
-    n, N = cost.shape
-    if sum(sizes) != n or len(sizes) != N:
-        raise InputError(f"balanced assignment: sizes {sizes} do not add up to {n} items in {N} clusters.")
-    if solver == "auto":
-        solver = "paths" if N <= 64 else "scipy"
-    if solver == "scipy":
-        from scipy.optimize import linear_sum_assignment
-
-        col_cluster = np.repeat(np.arange(N), sizes)
-        rows, cols = linear_sum_assignment(cost[:, col_cluster])
-        out = np.empty(n, dtype=np.int64)
-        out[rows] = col_cluster[cols]
-        return out
-    if solver != "paths":
-        raise InputError(f"unknown assignment solver {solver!r}; use auto, paths or scipy.")
-    return _assign_by_paths(np.asarray(cost, dtype=np.float64), np.asarray(sizes, dtype=np.int64))
 
 
-def _assign_by_paths(C: np.ndarray, cap: np.ndarray) -> np.ndarray:
-    n, N = C.shape
-    assign = np.full(n, -1, dtype=np.int64)
-    count = np.zeros(N, dtype=np.int64)
-    members: list[list[int]] = [[] for _ in range(N)]
-    tol = 1e-12 * (np.abs(C).max() + 1.0)
-    W = np.full((N, N), np.inf)  # W[c, k]: cheapest move of a member of c to k (cached per cluster)
-    arg = np.zeros((N, N), dtype=np.int64)
-    dirty = set(range(N))
-    for i in range(n):
-        free = count < cap
-        j = int(np.argmin(C[i]))
-        if free[j]:  # the cheapest cluster has room: nothing to reroute
-            assign[i] = j
-            count[j] += 1
-            members[j].append(i)
-            dirty.add(j)
-            continue
-        # edge j -> k: move the member t of j with the smallest C[t, k] - C[t, j]
-        for c in dirty:
-            if members[c]:
-                idx = np.asarray(members[c])
-                D = C[idx] - C[idx, c][:, None]
-                a = D.argmin(0)
-                W[c] = D[a, np.arange(N)]
-                W[c, c] = np.inf
-                arg[c] = idx[a]
-        dirty = set()
-        dist = C[i].copy()
-        pred = np.full(N, -1, dtype=np.int64)  # -1: entered directly by item i
-        for _ in range(N):
-            cand = dist[:, None] + W
-            src = cand.argmin(0)
-            best = cand[src, np.arange(N)]
-            better = best < dist - tol
-            if not better.any():
-                break
-            dist[better] = best[better]
-            pred[better] = src[better]
-        end = int(np.flatnonzero(free)[np.argmin(dist[free])])
-        path = [end]
-        while pred[path[-1]] >= 0:
-            path.append(int(pred[path[-1]]))
-        path.reverse()  # path[0] receives item i; one member moves along each edge
-        moves = [(int(arg[a, b]), a, b) for a, b in zip(path, path[1:])]
-        for t, a, b in moves:
-            members[a].remove(t)
-            members[b].append(t)
-            assign[t] = b
-        assign[i] = path[0]
-        members[path[0]].append(i)
-        count[end] += 1
-        dirty.update(path)
-    return assign
 
 
-def balanced_kmeans(feats: torch.Tensor, sizes: list[int], init: np.ndarray, max_iters: int, solver: str = "auto") -> tuple[np.ndarray, torch.Tensor, int]:
-    """Balanced k-means of the rows of feats [n, T] (one row per neuron, L2).
-
-    Returns (assignment [n], centroids [N, T], iterations). init: indices of the N
-    items whose rows are the initial centroids. Stops when no assignment changes.
-    """
-    feats = feats.float().contiguous()
-    sq = (feats * feats).sum(1).double()  # |c_i|^2
-    cent = feats[torch.as_tensor(init)].clone()
-    size_t = torch.as_tensor(sizes, dtype=torch.float32)[:, None]
-    assign = None
-    it = 0
-    for it in range(1, max_iters + 1):
-        cost = sq[:, None] - 2.0 * (feats @ cent.T).double() + (cent * cent).sum(1).double()[None, :]
-        new = balanced_assignment(cost.numpy(), sizes, solver)
-        if assign is not None and np.array_equal(new, assign):
-            break
-        assign = new
-        onehot = torch.zeros(len(sizes), feats.shape[0])
-        onehot[torch.as_tensor(assign), torch.arange(feats.shape[0])] = 1.0
-        cent = (onehot @ feats) / size_t
-    return assign, cent, it
 
 
 # --------------------------------------------------------------------------- the plan
@@ -323,12 +230,9 @@ def _parts(h: torch.Tensor, down: torch.Tensor, shared: np.ndarray, experts: lis
     return _Parts(sh, ex, torch.stack([e.norm(dim=-1) for e in ex], dim=-1))
 
 
-def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:
-    sel = scores.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(scores).scatter_(1, sel, 1.0)
 
 
-def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> CalibratedPlan:
+def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> LayerResult:
     d_h = w.intermediate_size
     x = x.reshape(-1, w.hidden_size)
     T = x.shape[0]
@@ -364,7 +268,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
         plan = LayerPlan(shared=shared, experts=[], top_k=0, gate="unit")
         y = h @ down.T
         check_finite_output(y, layer)
-        return CalibratedPlan(plan, None, y, y, info)
+        return LayerResult(plan, None, y, y, info)
 
     routed_t = torch.as_tensor(routed)
     if cfg.features == "marks":
@@ -454,7 +358,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
         r = router_neurons(h_, x_)
         return (r.abs() if cfg.absolute else r) @ combine.T
 
-    keep = _keep(scores_of(h, x), lay.active)
+    keep = topk_mask(scores_of(h, x), lay.active)
     bias = parts.dropped_means(keep) if compensate else None
     y = parts.select(keep, bias)
     info["calibration_error"] = float((dense_y - y).norm() / dense_y.norm().clamp_min(1e-30))
@@ -464,8 +368,8 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
         hh = hidden_activations(w, xh)
         ph = _parts(hh, down, shared, experts)
         F = ph.dense()
-        keep_r = _keep(scores_of(hh, xh), lay.active)
-        keep_o = _keep(ph.norms, lay.active)
+        keep_r = topk_mask(scores_of(hh, xh), lay.active)
+        keep_o = topk_mask(ph.norms, lay.active)
         yr, yo = ph.select(keep_r, bias), ph.select(keep_o, bias)
         denom = F.norm().clamp_min(1e-30)
         fid = {"overlap": float((keep_r * keep_o).sum(-1).mean() / lay.active), "tokens": int(xh.shape[0]),
@@ -473,4 +377,4 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
         return yr, fid
 
     block_state = {"dropped_bias": bias} if compensate else None
-    return CalibratedPlan(plan, router_state, y, dense_y, info, heldout, block_state)
+    return LayerResult(plan, router_state, y, dense_y, info, heldout, block_state)

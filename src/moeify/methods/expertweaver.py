@@ -1,6 +1,6 @@
 """ExpertWeaver (arXiv 2602.15521), training-free mode: GLU gate-activation patterns decide
 the shared expert, its layer-adaptive size, the routed experts and a linear router
-(../shared/docs/methods.md §3).
+(docs/methods.md §3).
 
 Per layer, on the MLP inputs of the calibration samples (layer-sequential):
 
@@ -50,21 +50,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..calibration import Calibration
-from ..calibration.profile import CalibratedPlan
-from ..config import MethodConfig
+from ..core.dense import GatedWeights
+from ..core.method import LayerResult, MethodConfig
+from ..core.plan import LayerPlan
+from ..data.calibration import Calibration
 from ..errors import InputError
-from ..moe import GatedWeights, activation
-from ..plan import LayerPlan
-from .cmoe import balanced_kmeans, order_desc
-from .moefication import check_experts_fit, finish_plan, resolve_active, seeded_init
+from .common import balanced_kmeans, check_experts_fit, finish_plan, order_desc, resolve_active, seeded_init
 
 log = logging.getLogger("moeify")
 
@@ -119,15 +116,14 @@ class ExpertWeaverConfig(MethodConfig):
             raise InputError(f"shared_ratio must be in [0, 1), got {self.shared_ratio}.")
         if self.downcycle and self.active >= self.experts:
             raise InputError("downcycling routes with softmax weights: keep at least one routed expert inactive (active < experts).")
-        self._samples: dict[str, Any] | None = None  # set by prepare_calibration; not part of the saved config
 
     def check(self, intermediate_sizes: list[int]) -> None:
         check_experts_fit(self.experts, intermediate_sizes, self.method)
 
     # ------------------------------------------------------------------ calibration
 
-    def prepare_calibration(self, calibration: Calibration, tokenizer) -> Calibration:
-        """The calibration windows plus the task windows; remembers which task each sample belongs to."""
+    def prepare(self, calibration: Calibration, tokenizer) -> tuple[Calibration, dict[str, Any]]:
+        """(the calibration windows plus the task windows, the run state: which task each sample belongs to)."""
         cal, held = calibration.windows(tokenizer)
         n, L = cal.shape
         s = min(int(self.sample_len), L)
@@ -141,7 +137,7 @@ class ExpertWeaverConfig(MethodConfig):
             sample_task_std = np.zeros(n * per, dtype=np.int64)
         extra, task_info = [], []
         for j, (name, text) in enumerate(_task_texts(self.tasks)):
-            from ..texts import sample_windows, tokenize
+            from ..data.texts import sample_windows, tokenize
 
             ids = tokenize(tokenizer, text)
             if ids.numel() < L + 1:
@@ -154,7 +150,7 @@ class ExpertWeaverConfig(MethodConfig):
         windows = torch.cat([cal, *extra]) if extra else cal
         sample_task = np.concatenate([sample_task_std, np.repeat(np.asarray(window_task, dtype=np.int64), per)])
         present = np.unique(sample_task)
-        self._samples = {"windows": int(windows.shape[0]), "seq_len": L, "sample_len": s, "per_window": per,
+        samples = {"windows": int(windows.shape[0]), "seq_len": L, "sample_len": s, "per_window": per,
                          "sample_task": sample_task, "task_names": names, "tasks_present": int(present.size)}
         log.info("expertweaver: %d samples of %d tokens from %d tasks (%s)", sample_task.size, s, present.size,
                  ", ".join(names[t] for t in present))
@@ -163,10 +159,69 @@ class ExpertWeaverConfig(MethodConfig):
         out.source = f"{calibration.source} + tasks [{', '.join(names[t] for t in present)}]"
         out.samples = int(calibration.samples)
         out.task_info = task_info
-        return out
+        return out, samples
 
-    def plan_from_activations(self, w: GatedWeights, x: torch.Tensor, layer: int) -> CalibratedPlan:
-        return plan_expertweaver(w, x, self, layer)
+    def plan(self, weights: GatedWeights, x: torch.Tensor, layer: int, state: dict[str, Any] | None = None) -> LayerResult:
+        return plan_expertweaver(weights, x, self, layer, state)
+
+    @classmethod
+    def for_fraction(cls, fraction: float, **opts) -> "ExpertWeaverConfig":
+        """N_e = 64, k = f x 64 experts active in total per layer (f = j/64 above the alpha_min share)."""
+        return cls(fraction=fraction, **opts)
+
+    def describe(self) -> str:
+        return f"N_e={self.experts}, {self.active} active in total"
+
+    def compare_details(self, summary: dict[str, Any]) -> dict[str, Any] | None:
+        per_layer = summary.get("per_layer") or []
+        if not per_layer or "alpha" not in per_layer[0]:
+            return None
+        return {k: [lay.get(k) for lay in per_layer] for k in
+                ("alpha", "alpha_effective", "specialisation_ratio", "shared_experts", "routed_top_k", "total_active_experts")}
+
+    @classmethod
+    def compare_markdown(cls, rows: list[dict[str, Any]]) -> list[str]:
+        if not rows:
+            return []
+        lines = ["", "ExpertWeaver shared share per layer (alpha_l from the specialisation ratio; effective = built):", ""]
+        for r in rows:
+            a = r[cls.method]
+            lines.append(f"- {r['active_target']:.0%} active: alpha_l {min(a['alpha']):.3f}..{max(a['alpha']):.3f}, "
+                         f"effective {min(a['alpha_effective']):.3f}..{max(a['alpha_effective']):.3f}, routed top-k "
+                         f"{min(a['routed_top_k'])}..{max(a['routed_top_k'])}, total active experts {sorted(set(a['total_active_experts']))}")
+        return lines
+
+    @classmethod
+    def compare_figures(cls, rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+        """expertweaver_shares.png: alpha_l and the built shared share across depth, per active fraction."""
+        if not rows:
+            return {}
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from ..core.files import atomic_write
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in rows:
+            a = r[cls.method]
+            line, = ax.plot(range(len(a["alpha"])), a["alpha"], marker=".", label=f"alpha_l ({r['active_target']:.0%} active)")
+            ax.plot(range(len(a["alpha"])), a["alpha_effective"], linestyle=":", color=line.get_color(),
+                    label=f"built share ({r['active_target']:.0%} active)")
+        cfg = rows[0]["config"]
+        for v in (cfg["alpha_min"], cfg["alpha_max"]):
+            ax.axhline(v, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("shared share of the MLP neurons")
+        ax.set_title("ExpertWeaver layer-adaptive shared share")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(out) / "expertweaver_shares.png"
+        atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+        plt.close(fig)
+        return {"shares_plot": path}
 
 
 # --------------------------------------------------------------------------- tasks
@@ -176,12 +231,13 @@ def _austen_sample_labels(calibration: Calibration, tokenizer, n: int, L: int, s
     """(novel names, novel index per sample) for austen calibration windows; None for other sources."""
     if str(calibration.source).lower() != "austen" or calibration.samples != n or calibration.seq_len != L:
         return None
-    from ..assets import pull_austen
-    from ..texts import AUSTEN_CALIBRATION, load_token_ids
+    from ..data.assets import pull_austen
+    from ..data.texts import AUSTEN_CALIBRATION, load_token_ids
 
-    ids = load_token_ids(tokenizer, "austen", "calibration")
-    rng = random.Random(calibration.seed)  # the window offsets Calibration.windows drew (protocol.md)
-    starts = np.array([rng.randint(0, ids.numel() - L - 1) for _ in range(n)])
+    starts = calibration.window_starts(tokenizer)  # the offsets Calibration.windows drew
+    if starts is None:
+        return None
+    starts = np.asarray(starts)
     folder = pull_austen()
     lengths = [load_token_ids(tokenizer, str(folder / f"{b}.txt"), "calibration").numel() for b in AUSTEN_CALIBRATION]
     # novel k starts at the summed lengths of the ones before (the "\n\n" separators shift this by a token or
@@ -206,7 +262,7 @@ def _task_texts(tasks: str) -> list[tuple[str, str]]:
         elif key == "docs":
             out.append(("docs", _dist_text(_description)))
         else:
-            from ..texts import load_text
+            from ..data.texts import load_text
 
             out.append((Path(item).name or item, load_text(item, "calibration")))
     for name, text in out:
@@ -266,14 +322,6 @@ def _dist_text(read) -> str:
 # --------------------------------------------------------------------------- the plan
 
 
-def gate_and_hidden(w: GatedWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act(W_gate x), h(x)) [T, d_h] float32 from one fused gate/up matmul."""
-    d_h = w.intermediate_size
-    gu = x.float() @ torch.cat([w.gate, w.up]).float().T
-    g = activation(w.act)(gu[:, :d_h])
-    return g, g * gu[:, d_h:]
-
-
 def gate_profiles(g: torch.Tensor, n_windows: int, L: int, s: int, per: int) -> torch.Tensor:
     """a [samples, d_h]: per sample, the token mean of |act(W_gate x)| (the paper's profile) from g = act(W_gate x)."""
     g = g.view(n_windows, L, -1)[:, : per * s].abs()
@@ -290,10 +338,9 @@ def specialisation(a: torch.Tensor, sample_task: np.ndarray, eps: float) -> tupl
     return means, cv
 
 
-def plan_expertweaver(w: GatedWeights, x: torch.Tensor, cfg: ExpertWeaverConfig, layer: int) -> CalibratedPlan:
+def plan_expertweaver(w: GatedWeights, x: torch.Tensor, cfg: ExpertWeaverConfig, layer: int, lay: dict[str, Any] | None) -> LayerResult:
     d_h = w.intermediate_size
     x = x.reshape(-1, w.hidden_size)
-    lay = cfg._samples
     if lay is None:
         raise InputError("expertweaver profiles task samples: convert with moeify.convert(model, ExpertWeaverConfig(...), "
                          "calibration=..., tokenizer=...) or `moeify convert --method expertweaver`, which prepare them.")
@@ -301,7 +348,7 @@ def plan_expertweaver(w: GatedWeights, x: torch.Tensor, cfg: ExpertWeaverConfig,
         raise InputError(f"layer {layer}: expertweaver got {x.shape[0]} tokens instead of its {lay['windows']} x {lay['seq_len']} "
                          "calibration samples; it converts dense MLPs only (not the experts of an MoE model).")
     N_e, k = cfg.experts, cfg.active
-    g, h = gate_and_hidden(w, x)
+    g, h = w.gate_and_hidden(x)
     a = gate_profiles(g, lay["windows"], lay["seq_len"], lay["sample_len"], lay["per_window"])
     del g
     means, cv = specialisation(a, lay["sample_task"], cfg.eps)

@@ -1,13 +1,13 @@
 """LLaMA-MoE splits (Zhu et al. 2024) as training-free floor baselines.
 
 LLaMA-MoE builds experts by splitting the FFN neurons, then trains the router (and
-the model) on 200B tokens; training-free it is near random (methods.md §5), which is
+the model) on 200B tokens; training-free it is near random (docs/methods.md §5), which is
 what makes it a useful floor. Per layer, E experts of d_h / E neurons (+-1), no
 shared expert, top-k of E, unit weights:
 
 * split "random": a seeded random permutation of the neurons cut into E equal parts;
 * split "cluster": balanced k-means on the raw (not normalised) W_gate rows, with the
-  exact equal-size assignment of `cmoe.balanced_assignment` (MoEfication clusters the
+  exact equal-size assignment of `common.balanced_assignment` (MoEfication clusters the
   normalised rows; keeping the norms is our reading of LLaMA-MoE's clustering split).
 
 Routers:
@@ -30,13 +30,12 @@ import dataclasses
 import numpy as np
 import torch
 
-from ..calibration.profile import CalibratedPlan, hidden_activations
+from ..core.dense import GatedWeights, hidden_activations
+from ..core.layout import Layout
+from ..core.method import LayerResult
+from ..core.plan import LayerPlan
 from ..errors import InputError
-from ..moe import GatedWeights
-from ..plan import LayerPlan
-from .cmoe import order_desc
-from .layout import Layout
-from .moefication import EqualExpertsConfig, centroid_router_for, cluster_rows, finish_plan, mlp_router_for
+from .common import EqualExpertsConfig, analytical_router_for, centroid_router_for, cluster_rows, finish_plan, mlp_router_for
 
 SPLITS = ("random", "cluster")
 ROUTERS = ("analytical", "mlp", "centroid")
@@ -49,6 +48,7 @@ class LlamaMoEConfig(EqualExpertsConfig):
     method = "llama-moe"
     needs_calibration = True
     routers = ROUTERS
+    variants = {"llama-moe-random": {"split": "random"}, "llama-moe-cluster": {"split": "cluster"}}
 
     experts: int = 16
     router: str = "analytical"
@@ -62,8 +62,16 @@ class LlamaMoEConfig(EqualExpertsConfig):
         if int(self.router_neurons) != self.router_neurons or self.router_neurons < 1:
             raise InputError(f"router_neurons must be >= 1, got {self.router_neurons}.")
 
-    def plan_from_activations(self, w: GatedWeights, x: torch.Tensor, layer: int) -> CalibratedPlan:
-        return plan_llama_moe(w, x, self, layer)
+    def plan(self, weights: GatedWeights, x: torch.Tensor, layer: int, state=None) -> LayerResult:
+        return plan_llama_moe(weights, x, self, layer)
+
+    @classmethod
+    def for_fraction(cls, fraction: float, **opts) -> "LlamaMoEConfig":
+        """E = 16 experts, top-(f x E) (f must be a multiple of 1/E), analytical router."""
+        return cls(fraction=fraction, **opts)
+
+    def describe(self) -> str:
+        return f"{self.split} split, E={self.experts}, top-{self.active}, {self.router} router"
 
 
 def split_neurons(w: GatedWeights, cfg: LlamaMoEConfig, layer: int) -> tuple[list[np.ndarray], int]:
@@ -76,19 +84,9 @@ def split_neurons(w: GatedWeights, cfg: LlamaMoEConfig, layer: int) -> tuple[lis
     return cluster_rows(w.gate.float(), cfg.experts, cfg.seed, layer, cfg.max_iters)
 
 
-def analytical_router_for(w: GatedWeights, h: torch.Tensor, experts: list[np.ndarray], neurons: int) -> tuple[dict, dict]:
-    down_norm = w.down.float().norm(dim=0)
-    mean_contrib = (h.abs().mean(0) * down_norm).double().numpy()
-    reps = [e[order_desc(mean_contrib[e])[: min(neurons, e.size)]] for e in experts]
-    rep = torch.as_tensor(np.concatenate(reps))
-    owner = torch.as_tensor(np.repeat(np.arange(len(experts)), [r.size for r in reps]))
-    combine = torch.zeros(len(experts), rep.numel())
-    combine[owner, torch.arange(rep.numel())] = down_norm[rep]
-    state = {"gate_up": torch.cat([w.gate[rep], w.up[rep]]).float(), "combine": combine}
-    return {"type": "analytical", "neurons": int(rep.numel()), "absolute": True, "normalize": False}, state
 
 
-def plan_llama_moe(w: GatedWeights, x: torch.Tensor, cfg: LlamaMoEConfig, layer: int) -> CalibratedPlan:
+def plan_llama_moe(w: GatedWeights, x: torch.Tensor, cfg: LlamaMoEConfig, layer: int) -> LayerResult:
     x = x.reshape(-1, w.hidden_size)
     if x.shape[0] < 1:
         raise InputError(f"layer {layer}: no calibration tokens reached this MLP.")

@@ -6,7 +6,7 @@ returns the plain sum, so with alpha = 1 the block is the dense MLP
 (tensor-parallel algebra: gate/up column-parallel, down row-parallel).
 
 The paper's two pruning mechanisms are named but not specified; the
-formulation here is moeify's own (../shared/docs/methods.md, section 1):
+formulation here is moeify's own (docs/methods.md, section 1):
 
 * neuron score (data-free): s_i = ||W_gate[i]|| * ||W_up[i]|| * ||W_down[:, i]||,
   a bound on neuron i's output for a unit input; branch importance = sum of s_i.
@@ -28,11 +28,10 @@ import math
 
 import numpy as np
 
-
-from ..config import MethodConfig
+from ..core.dense import GatedWeights
+from ..core.method import LayerResult, MethodConfig, multiple_of
+from ..core.plan import LayerPlan
 from ..errors import InputError
-from ..moe import GatedWeights
-from ..plan import LayerPlan
 
 log = logging.getLogger("moeify")
 
@@ -77,8 +76,22 @@ class MLPMoEConfig(MethodConfig):
             if self.prune > 0 and self.prune_mode != "compensated" and round((1 - self.prune) * d_h) < self.branches:
                 raise InputError(f"layer {i}: pruning {self.prune:.0%} of {d_h} neurons leaves fewer neurons than branches.")
 
-    def plan_layer(self, weights: GatedWeights, layer: int) -> LayerPlan:
-        return plan_mlpmoe(weights, self)
+    @property
+    def drops_neurons(self) -> bool:
+        return self.prune > 0
+
+    def plan(self, weights: GatedWeights, x: None, layer: int, state=None) -> LayerResult:
+        return LayerResult(plan_mlpmoe(weights, self))
+
+    @classmethod
+    def for_fraction(cls, fraction: float, **opts) -> "MLPMoEConfig":
+        """B = 8 branches; compensated pruning drops (1 - f) x B whole branches and rescales the rest (f = j/B)."""
+        b = int(opts.pop("branches", 8))
+        k = multiple_of(cls.method, fraction, b, f"{b} branches dropped whole")
+        return cls(branches=b, prune=1.0 - k / b, prune_mode=opts.pop("prune_mode", "compensated"), **opts)
+
+    def describe(self) -> str:
+        return f"B={self.branches}, prune {self.prune:g} ({self.prune_mode})"
 
 
 def neuron_scores(w: GatedWeights) -> np.ndarray:

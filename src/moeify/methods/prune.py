@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import MethodConfig
+from ..core.dense import GatedWeights, check_finite_output, hidden_activations
+from ..core.layout import check_layout_fits, parse_layout
+from ..core.method import LayerResult, MethodConfig
+from ..core.plan import LayerPlan
 from ..errors import InputError
-from ..moe import GatedWeights
-from ..plan import LayerPlan
-from ..calibration.profile import CalibratedPlan, check_finite_output, hidden_activations
-from .cmoe import activation_rates
-from .layout import check_layout_fits, parse_layout
+from .common import activation_rates
 
 
 @dataclasses.dataclass
@@ -29,7 +28,6 @@ class PruneConfig(MethodConfig):
 
     method = "prune"
     needs_calibration = True
-    allow_missing = True
 
     fraction: float | None = None
     layout: str | None = None
@@ -58,7 +56,19 @@ class PruneConfig(MethodConfig):
             if d_h and round(self.fraction * d_h) < 1:
                 raise InputError(f"layer {i}: keeping {self.fraction:.3f} of {d_h} neurons keeps none; raise the fraction.")
 
-    def plan_from_activations(self, w: GatedWeights, x: torch.Tensor, layer: int) -> CalibratedPlan:
+    @property
+    def drops_neurons(self) -> bool:
+        return True
+
+    @classmethod
+    def for_fraction(cls, fraction: float, **opts) -> "PruneConfig":
+        """Keep round(f x d_h) neurons with the highest activation rate (any f)."""
+        return cls(fraction=fraction, **opts)
+
+    def describe(self) -> str:
+        return f"keep {self.fraction:g} of neurons (by {self.score})"
+
+    def plan(self, w: GatedWeights, x: torch.Tensor, layer: int, state=None) -> LayerResult:
         d_h = w.intermediate_size
         h = hidden_activations(w, x.reshape(-1, w.hidden_size))
         down = w.down.float()
@@ -80,4 +90,4 @@ class PruneConfig(MethodConfig):
             F, yh = hh @ down.T, hh[:, kt] @ down[:, kt].T
             return yh, {"rel_error_router": float((F - yh).norm() / F.norm().clamp_min(1e-30)), "tokens": int(xh.shape[0])}
 
-        return CalibratedPlan(LayerPlan(shared=kept, experts=[], top_k=0), None, y, dense_y, info, heldout)
+        return LayerResult(LayerPlan(shared=kept, experts=[], top_k=0), None, y, dense_y, info, heldout)

@@ -15,8 +15,8 @@ from typing import Any
 from torch import nn
 
 from .arch import ARCHITECTURES, DENSE_TYPES, MOE_TYPES, activation_name, mlp_sites, spec_for
-from .errors import InputError
-from .moe import FORMAT_VERSION, MoEMLP
+from ..errors import InputError
+from ..blocks.moe import FORMAT_VERSION, MoEMLP
 
 log = logging.getLogger("moeify")
 
@@ -37,12 +37,12 @@ def install_blocks(model: nn.Module, moeify_cfg: dict[str, Any]) -> None:
         if layer_cfg is None:
             continue
         if layer_cfg.get("kind") == "hierarchical" and "outer" in layer_cfg:
-            from .hierarchical import HierarchicalMoEMLP
+            from ..blocks.hierarchical import HierarchicalMoEMLP
 
             site.replace(HierarchicalMoEMLP(hidden, layer_cfg, act))
             continue
         if layer_cfg.get("kind") == "hierarchical":
-            from .hierarchical import HierarchicalExperts
+            from ..blocks.hierarchical import HierarchicalExperts
 
             if site.kind != "moe_block":
                 raise InputError(f"layer {site.layer}: the checkpoint plan is hierarchical but the model has no MoE block there; the config is corrupt.")
@@ -67,7 +67,7 @@ def _make_classes(model_type: str) -> tuple[type, type]:
 
     def save_pretrained(self, save_directory, *, overwrite: bool = False, tokenizer=None, **kwargs):
         """Atomic save with tokenizer and model card; refuses an existing output unless overwrite=True."""
-        from .api import save
+        from .checkpoint import save
 
         return save(self, save_directory, tokenizer=tokenizer, overwrite=overwrite, **kwargs)
 

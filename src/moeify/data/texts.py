@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from moeify.errors import AssetError, InputError
+from ..errors import AssetError, InputError
 
 logger = logging.getLogger("moeify")
 
@@ -92,7 +92,7 @@ def load_text(source: str, split: str = "calibration", *, tokenizer=None) -> str
 
 
 def _austen(split: str) -> str:
-    from moeify.assets import pull_austen
+    from .assets import pull_austen
 
     folder = pull_austen()
     books = AUSTEN_CALIBRATION if split == "calibration" else AUSTEN_HELDOUT
@@ -242,7 +242,7 @@ def load_token_ids(tokenizer, source: str = "austen", split: str = "calibration"
     and a hash of the text) so repeated runs skip re-tokenizing."""
     import numpy as np
 
-    from moeify.assets import moeify_home
+    from .assets import moeify_home
 
     text = load_text(source, split, tokenizer=tokenizer)
     if not cache:
@@ -303,9 +303,13 @@ def sample_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int = 0)
     if n_tokens < seq_len + 1:
         raise InputError(f"the text has {n_tokens} tokens but windows of {seq_len} tokens need "
                          f"at least {seq_len + 1}; give more text or a smaller sequence length.")
+    return torch.stack([token_ids[i:i + seq_len] for i in window_starts(n_tokens, n, seq_len, seed)])
+
+
+def window_starts(n_tokens: int, n: int, seq_len: int, seed: int = 0) -> list[int]:
+    """The offsets `sample_windows` cuts at: the one place they are drawn (protocol, GPTQ-style)."""
     rng = random.Random(seed)
-    starts = [rng.randint(0, n_tokens - seq_len - 1) for _ in range(n)]
-    return torch.stack([token_ids[i:i + seq_len] for i in starts])
+    return [rng.randint(0, n_tokens - seq_len - 1) for _ in range(n)]
 
 
 def heldout_windows(token_ids: torch.Tensor, seq_len: int = 2048,

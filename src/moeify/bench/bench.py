@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..blocks.routers import Router
 from ..errors import InputError
 
 log = logging.getLogger("moeify")
@@ -77,7 +78,7 @@ def _unique_params(module: nn.Module) -> list[torch.Tensor]:
 
 def moe_active_params(block) -> float:
     """Parameters a MoEMLP reads for one token: shared expert, router, top-k experts of mean size, scales, biases."""
-    from ..moe import MoEMLP
+    from ..blocks.moe import MoEMLP
 
     if not isinstance(block, MoEMLP):
         return float(sum(p.numel() for p in _unique_params(block)))
@@ -88,7 +89,7 @@ def moe_active_params(block) -> float:
 
 
 def _mlp_modules(model) -> list[nn.Module]:
-    from ..arch import mlp_sites
+    from ..models.arch import mlp_sites
 
     return [s.module for s in mlp_sites(model)]
 
@@ -131,7 +132,7 @@ def token_cost(model) -> TokenCost:
         read += a - n
     linear = 0.0
     mlp_ids = {id(m) for mod in _mlp_modules(model) for m in mod.modules()}
-    from ..arch import decoder_layers
+    from ..models.arch import decoder_layers
 
     for layer in decoder_layers(model):
         for m in layer.modules():
@@ -168,7 +169,7 @@ def bench_inputs(tokenizer, vocab_size: int, prompt_tokens: int = 128, seed: int
     ids = None
     if tokenizer is not None and text == "austen":
         try:
-            from ..texts import perplexity_windows
+            from ..data.texts import perplexity_windows
 
             w = perplexity_windows(tokenizer, quick=True)
             if w.shape[0] >= 2:
@@ -387,7 +388,7 @@ def _cost_dict(c: TokenCost, dtype: torch.dtype) -> dict[str, Any]:
 
 def kernel_summary(model) -> dict[str, int]:
     """How many MoE blocks run which backend (None = auto)."""
-    from ..moe import MoEMLP
+    from ..blocks.moe import MoEMLP
 
     out: dict[str, int] = {}
     for m in model.modules():
@@ -413,7 +414,7 @@ def peak_memory_child(path: str, dtype: str, workloads: list[str], new_tokens: i
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "moeify.eval.bench", "--peak", path, "--dtype", dtype, "--workloads", ",".join(workloads),
+    cmd = [sys.executable, "-m", "moeify.bench.bench", "--peak", path, "--dtype", dtype, "--workloads", ",".join(workloads),
            "--new-tokens", str(new_tokens), "--kernel", kernel, "--device", device, "--text", text]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
@@ -454,7 +455,7 @@ def _peak_main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     import moeify
     from moeify import kernels
-    from moeify.io import load_config, load_model
+    from ..models.checkpoint import load_config, load_model
 
     tok = None
     try:
@@ -492,7 +493,7 @@ def weight_bytes(model) -> int:
 # --------------------------------------------------------------------------- one layer
 
 
-class SkewedRouter(nn.Module):
+class SkewedRouter(Router):
     """The CMoE analytical router's computation, with the selection drawn from a skewed distribution.
 
     Random weights route uniformly, which flatters an MoE (perfect load balance). Expert
@@ -527,9 +528,10 @@ SKEW_BETA = 0.43
 def build_layer(hidden: int, intermediate: int, layout: str, *, act: str = "silu", router_neurons: int = 8, beta: float = SKEW_BETA,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
     """(dense MLP as GatedWeights, MoEMLP) with random weights; the MoE's router is CMoE's, its routing skewed."""
-    from ..methods.layout import check_layout_fits, parse_layout
-    from ..moe import GatedWeights, MoEMLP
-    from ..plan import LayerPlan
+    from ..core.layout import check_layout_fits, parse_layout
+    from ..core.dense import GatedWeights
+    from ..blocks.moe import MoEMLP
+    from ..core.plan import LayerPlan
 
     lay = parse_layout(layout)
     check_layout_fits(lay, [intermediate])
@@ -621,7 +623,7 @@ def compare_layer(
 ) -> dict[str, Any]:
     """One dense gated MLP (the framework's matmuls: MKL / cuBLAS) vs its MoE block, on random weights."""
     from .. import kernels
-    from ..io import parse_dtype
+    from ..models.checkpoint import parse_dtype
 
     dt = parse_dtype(dtype)
     dev = torch.device(device)

@@ -1,4 +1,4 @@
-"""Models in and checkpoints out: hub ids, safetensors folders, GGUF files; atomic saves.
+"""Models in and checkpoints out: hub ids, safetensors folders, GGUF files; atomic saves, model cards.
 
 Safe by default: only safetensors weights are loaded (a pickle-only checkpoint is
 refused), and remote code is off unless the caller asks for it.
@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import InputError
+from ..core.files import atomic_dir, prepare_output
+from ..errors import InputError
 
 log = logging.getLogger("moeify")
 
@@ -36,7 +35,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     """A local path or hub id; the default model (and its aliases) resolve to the offline cache."""
-    from .assets import DEFAULT_MODEL, pull_default_model
+    from ..data.assets import DEFAULT_MODEL, pull_default_model
 
     if name_or_path is None or str(name_or_path) in DEFAULT_ALIASES or str(name_or_path) == DEFAULT_MODEL:
         return str(pull_default_model())
@@ -89,7 +88,6 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
     """The model's config, for checks that must happen before weights are read."""
     from transformers import AutoConfig
 
-    from . import modeling  # noqa: F401  (moeify_* model types)
     from .arch import check_config_supported
 
     p = Path(name_or_path)
@@ -122,8 +120,6 @@ def load_model(
     """(model, tokenizer) from a hub id, a local safetensors folder, or a GGUF file (dequantised)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import modeling  # noqa: F401
-
     path = resolve_model_path(name_or_path)
     dt = parse_dtype(dtype)
     load_config(path, trust_remote_code=trust_remote_code)
@@ -145,29 +141,64 @@ def load_model(
     return model, tok
 
 
-def prepare_output(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Check the output path up front, before any expensive work."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise InputError(f"output {out} already exists; choose another path or pass --overwrite (overwrite=True) to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
+def model_card(model) -> str:
+    m = model.config.moeify
+    s = m.get("summary", {})
+    prov = m.get("provenance", {})
+    base = prov.get("base_model")
+    lines = ["---", "library_name: transformers", "tags: [moeify, mixture-of-experts]"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines += [
+        "---",
+        "",
+        f"# {base or 'A model'} converted to MoE with moeify ({m['method']})",
+        "",
+        "Reload with `import moeify` then `AutoModelForCausalLM.from_pretrained(path)` (no remote code).",
+        "",
+        f"- method config: `{m['config']}`",
+        f"- active MLP fraction per token: {s.get('active_mlp_fraction', float('nan')):.4f}",
+        f"- MLP parameters removed: {s.get('mlp_params_removed_fraction', float('nan')):.4f}",
+        f"- conversion time: {s.get('seconds', float('nan')):.2f} s",
+        f"- moeify {prov.get('moeify_version')}, transformers {prov.get('transformers_version')}, torch {prov.get('torch_version')}",
+    ]
+    metrics = m.get("metrics") or {}
+    for name, r in (metrics.get("ppl") or {}).items():
+        lines += [
+            "",
+            f"## Perplexity ({name}, {r.get('protocol', '')}, {r.get('windows')} windows, {r.get('tokens')} tokens)",
+            "",
+            "| model | perplexity |",
+            "|---|---|",
+            f"| dense baseline | {r['baseline']:.4f} |",
+            f"| converted | {r['model']:.4f} |",
+            f"| ratio | {r['ratio']:.5f} |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def save(model, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False, max_shard_size: str = "2GB") -> Path:
+    """Write a converted model atomically: safetensors, config with the moeify block, tokenizer, model card."""
+    if not hasattr(model.config, "moeify"):
+        raise InputError("this model was not converted by moeify; call moeify.convert first.")
+    tok = tokenizer if tokenizer is not None else getattr(model, "_moeify_tokenizer", None)
+    base = super(type(model), model)  # the base architecture's own save_pretrained
+
+    def write(tmp: Path) -> None:
+        base.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        if tok is not None:
+            tok.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(model_card(model))
+
+    out = atomic_dir(Path(out), write, overwrite)
+    log.info("saved %s", out)
     return out
 
 
-def atomic_dir(out: Path, write, overwrite: bool) -> Path:
-    """Run write(tmp_dir), then rename tmp_dir into place; a failure leaves `out` untouched."""
-    out = prepare_output(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "float32"):
+    """(model, tokenizer) of a moeify checkpoint (or any supported model)."""
+    return load_model(str(path), dtype=dtype)
+
+
+__all__ = ["atomic_dir", "check_weights", "load", "load_config", "load_model", "model_card", "parse_dtype", "prepare_output",
+           "resolve_model_path", "save"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def _as_index(a) -> np.ndarray:
@@ -128,3 +128,37 @@ def plan_summary(plans: list[LayerPlan | None], intermediate_sizes: list[int]) -
         "active_mlp_fraction": active / total if total else 1.0,
         "mlp_params_removed_fraction": 1.0 - kept / total if total else 0.0,
     }
+
+
+@dataclass
+class HierarchicalPlan:
+    """One LayerPlan per expert of an MoE block.
+
+    For a model's own MoE block the counts are per selected expert (relative to one
+    expert's size). For a moeify block (`outer` set) they include its shared expert and
+    its top-k routed experts, relative to the whole MLP.
+    """
+
+    experts: list[LayerPlan]
+    outer: dict[str, Any] | None = None  # the moeify block's own layer config
+
+    def to_config(self) -> dict[str, Any]:
+        cfg = {"kind": "hierarchical", "experts": [p.to_config() for p in self.experts]}
+        if self.outer is not None:
+            cfg["outer"] = dict(self.outer)
+        return cfg
+
+    def _per_token(self, values: list[float]) -> float:
+        mean = sum(values) / len(values)
+        if self.outer is None:
+            return float(mean)
+        return float(self.outer["shared"] + self.outer["top_k"] * mean)
+
+    def active_neurons_per_token(self) -> float:
+        return self._per_token([p.active_neurons_per_token() for p in self.experts])
+
+    @property
+    def num_neurons(self) -> float:
+        if self.outer is None:
+            return float(sum(p.num_neurons for p in self.experts) / len(self.experts))
+        return float(self.outer["shared"] + sum(p.num_neurons for p in self.experts))

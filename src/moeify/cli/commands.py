@@ -1,80 +1,16 @@
-"""The `moeify` command line: pull | convert | eval (and more as methods land).
-
-Library code logs; only this module prints (rich tables).
-"""
+"""`moeify pull | convert | eval | methods`."""
 
 from __future__ import annotations
 
 import copy
-import json
-import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dense LLM MLPs into Mixture-of-Experts layers, without training.")
-console = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
-    logging.getLogger("moeify").setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-@app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    _setup_logging(verbose)
-
-
-def _write_json(path: Optional[Path], data: dict[str, Any]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    console.print(f"results written to [bold]{path}[/bold]")
-
-
-def _environment() -> dict[str, Any]:
-    import platform
-
-    import torch
-    import transformers
-
-    import moeify
-
-    return {
-        "moeify": moeify.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "git": _git_hash(),
-    }
-
-
-def _git_hash() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/bold red] {e}")
-    raise typer.Exit(2)
+from .app import _environment, _fail, _write_json, app, console
 
 
 def _ppl_protocol(source: str, quick: bool, windows: int) -> str:
@@ -84,8 +20,8 @@ def _ppl_protocol(source: str, quick: bool, windows: int) -> str:
 
 
 def _compare_ppl(model, baseline, tokenizer, sources: list[str], quick: bool, dtype: str) -> dict[str, Any]:
-    from .eval.perplexity import compare_perplexity
-    from .texts import perplexity_windows
+    from ..eval.perplexity import compare_perplexity
+    from ..data.texts import perplexity_windows
 
     results = {}
     for src in sources:
@@ -100,8 +36,8 @@ def _compare_ppl(model, baseline, tokenizer, sources: list[str], quick: bool, dt
 @app.command()
 def pull(force: bool = typer.Option(False, help="Fetch again even if cached.")) -> None:
     """Fetch and cache the default model (SmolLM2-135M-Instruct), the Austen corpus and the zero-shot task data."""
-    from .assets import moeify_home, pull_all
-    from .errors import MoeifyError
+    from ..data.assets import moeify_home, pull_all
+    from ..errors import MoeifyError
 
     try:
         where = pull_all(force=force)
@@ -153,10 +89,12 @@ def convert(
     """Convert a dense model's MLPs into MoE blocks, compare with the dense model, and save."""
     import torch
 
-    from . import api
-    from .config import config_for
-    from .errors import MoeifyError
-    from .io import load_config, load_model, prepare_output, resolve_model_path
+    from ..models.checkpoint import save
+    from ..pipeline.convert import config_intermediate_sizes, convert as run_convert, count_parameters
+    from ..core.method import config_for
+    from ..errors import MoeifyError
+    from ..models.checkpoint import load_config, load_model, resolve_model_path
+    from ..core.files import prepare_output
 
     try:
         prepare_output(output, overwrite)
@@ -166,21 +104,21 @@ def convert(
         cfg = config_for(method, **opts)
         calibration = None
         if cfg.needs_calibration:
-            from .calibration import Calibration
+            from ..data.calibration import Calibration
 
             calibration = Calibration(source=calib, samples=samples, seq_len=seq_len, seed=seed, sequential=not dense_feed)
         torch.manual_seed(seed)
         path = resolve_model_path(model)
         mcfg = load_config(path, trust_remote_code=trust_remote_code)
-        cfg.check(api._config_intermediate_sizes(mcfg))
+        cfg.check(config_intermediate_sizes(mcfg))
         t_load = time.perf_counter()
         dense, tok = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
         load_s = time.perf_counter() - t_load
         if calibration is not None:
             calibration.validate(tok)
         baseline = copy.deepcopy(dense) if evaluate else None
-        dense_params = api.count_parameters(dense)
-        converted = api.convert(dense, cfg, calibration=calibration, tokenizer=tok)
+        dense_params = count_parameters(dense)
+        converted = run_convert(dense, cfg, calibration=calibration, tokenizer=tok)
         summary = converted.config.moeify["summary"]
         result: dict[str, Any] = {
             "method": cfg.method,
@@ -190,7 +128,7 @@ def convert(
             "mlp_params_removed_fraction": summary["mlp_params_removed_fraction"],
             "seconds": summary["seconds"],
             "load_seconds": load_s,
-            "parameters": {"dense": dense_params, "converted": api.count_parameters(converted)},
+            "parameters": {"dense": dense_params, "converted": count_parameters(converted)},
             "summary": summary,
         }
         if "router_fidelity" in summary:
@@ -204,7 +142,7 @@ def convert(
             converted.config.moeify["metrics"] = {"ppl": ppl_res}
             result["ppl"] = ppl_res
             del baseline
-        out = api.save(converted, output, tokenizer=tok, overwrite=overwrite)
+        out = save(converted, output, tokenizer=tok, overwrite=overwrite)
         result["output"] = str(out)
         result["environment"] = _environment()
     except MoeifyError as e:
@@ -248,14 +186,14 @@ def eval_(
 ) -> None:
     """Perplexity and/or zero-shot accuracy of a model, with its dense baseline scored in the same run on
     the same windows / documents."""
-    from .errors import InputError, MoeifyError
-    from .io import load_model
+    from ..errors import InputError, MoeifyError
+    from ..models.checkpoint import load_model
 
     try:
         sources = ppl or ([] if tasks else ["austen"])
         task_list: list[str] = []
         if tasks:
-            from .eval.zero_shot import build_tasks, parse_limits, parse_tasks
+            from ..eval.zero_shot import build_tasks, parse_limits, parse_tasks
 
             task_list = parse_tasks(tasks)
             limits = parse_limits(limit, task_list)
@@ -277,15 +215,15 @@ def eval_(
         if base is not None:
             result["ppl"] = _compare_ppl(m, base, tok, sources, quick, dtype)
         else:
-            from .eval.perplexity import perplexity
-            from .texts import perplexity_windows
+            from ..eval.perplexity import perplexity
+            from ..data.texts import perplexity_windows
 
             for src in sources:
                 w = perplexity_windows(tok, source=src, quick=quick)
                 r = perplexity(m, w)
                 result["ppl"][src] = {"model": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "protocol": _ppl_protocol(src, quick, r["windows"]), "dtype": dtype}
         if task_list:
-            from .eval.zero_shot import compare_zero_shot
+            from ..eval.zero_shot import compare_zero_shot
 
             def _partial(zs: dict[str, Any]) -> None:
                 _write_json(json_out, {**result, **zs, "model": model, "baseline": base_name, "dtype": dtype, "environment": _environment()})
@@ -334,8 +272,7 @@ def methods() -> None:
     """List the conversion methods and their options."""
     import dataclasses
 
-    from . import methods as _m  # noqa: F401  (registers the methods)
-    from .config import METHODS
+    from ..core.method import METHODS
 
     t = Table(title="moeify methods")
     t.add_column("method")
@@ -347,22 +284,3 @@ def methods() -> None:
     console.print(t)
 
 
-# --------------------------------------------------------------------------- more commands
-# Larger commands live in their own modules (moeify/cli_<name>.py), each defining its command(s) with
-# `@app.command()` on the `app` imported from this module. One import line per module, here:
-from . import cli_analyze  # noqa: E402,F401
-from . import cli_compare  # noqa: E402,F401
-from . import cli_bench  # noqa: E402,F401
-# (end of command modules)
-
-
-def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -30,7 +30,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from moeify.errors import AssetError
+from ..errors import AssetError
 
 logger = logging.getLogger("moeify")
 

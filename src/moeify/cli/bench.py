@@ -8,11 +8,11 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .cli import _environment, _fail, _write_json, app, console, err
+from .app import _environment, _fail, _write_json, app, console, err
 
 
 def _parse_tokens(text: str) -> list[int]:
-    from .errors import InputError
+    from ..errors import InputError
 
     try:
         tokens = [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -50,14 +50,14 @@ def bench(
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
 ) -> None:
     """Speed, protocol.md: dense vs converted in one process, interleaved; medians, spread, speedups and physical limits."""
-    from .errors import InputError, MoeifyError
+    from ..errors import InputError, MoeifyError
 
     try:
         if json_out is not None and json_out.exists() and not overwrite:
             raise InputError(f"{json_out} exists; pass --overwrite to replace it or choose another --json path.")
         if repeats < 1 or warmup < 0:
             raise InputError("--repeats must be >= 1 and --warmup >= 0.")
-        from . import kernels
+        from .. import kernels
 
         if kernel not in kernels.BACKENDS:
             raise InputError(f"unknown --kernel {kernel!r}; use one of {', '.join(kernels.BACKENDS)}.")
@@ -90,13 +90,13 @@ def bench(
 
 
 def _device_name(device: str) -> str:
-    from .eval.bench import device_name
+    from ..bench.bench import device_name
 
     return device_name(device)
 
 
 def _triton_version() -> str | None:
-    from .kernels import triton_available
+    from ..kernels import triton_available
 
     if not triton_available():
         return None
@@ -106,10 +106,10 @@ def _triton_version() -> str | None:
 
 
 def _bench_layer(model, hidden, intermediate, layout, tokens, dtype, device, repeats, kernel, router_neurons, cuda_graphs) -> dict[str, Any]:
-    from .errors import InputError
-    from .eval.bench import compare_layer
-    from .io import parse_dtype
-    from .methods.layout import parse_layout
+    from ..errors import InputError
+    from ..bench.bench import compare_layer
+    from ..models.checkpoint import parse_dtype
+    from ..core.layout import parse_layout
 
     if model is not None:
         raise InputError("--layer benchmarks random weights of the given shape; drop the MODEL argument (or drop --layer).")
@@ -124,10 +124,10 @@ def _bench_layer(model, hidden, intermediate, layout, tokens, dtype, device, rep
 def _bench_model(model, baseline, dtype, workloads, repeats, warmup, new_tokens, kernel, device, memory, text, attainable=True) -> dict[str, Any]:
     import torch
 
-    from . import kernels
-    from .errors import InputError
-    from .eval.bench import check_workloads, compare_models, peak_memory_child, weight_bytes
-    from .io import load_config, load_model, parse_dtype, resolve_model_path
+    from .. import kernels
+    from ..errors import InputError
+    from ..bench.bench import check_workloads, compare_models, peak_memory_child, weight_bytes
+    from ..models.checkpoint import load_config, load_model, parse_dtype, resolve_model_path
 
     if model is None:
         raise InputError("give the converted checkpoint to benchmark (moeify bench out/my-moe), or --layer for a single layer.")

@@ -1,4 +1,4 @@
-"""The MoE block that replaces a dense gated MLP, and its routers.
+"""The MoE block that replaces a dense gated MLP (routers: routers.py).
 
 Weight layout (the checkpoint format, version 1):
 
@@ -18,145 +18,18 @@ of the packed weights, and one matmul over all rows is the whole MLP.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import kernels as _kernels
-from .errors import InputError
-from .plan import LayerPlan
+from .. import kernels as _kernels
+from ..core.dense import GatedWeights, accumulation_dtype, activation
+from ..core.plan import LayerPlan
+from ..errors import InputError
+from .routers import ROUTERS
 
 FORMAT_VERSION = 1
-
-
-def activation(name: str) -> nn.Module:
-    from transformers.activations import ACT2FN
-
-    if name not in ACT2FN:
-        raise InputError(f"unknown activation {name!r}; known: {sorted(ACT2FN)}")
-    return ACT2FN[name]
-
-
-@dataclass
-class GatedWeights:
-    """A dense gated MLP: F(x) = down @ (act(gate @ x) * (up @ x))."""
-
-    gate: torch.Tensor  # [I, H]
-    up: torch.Tensor  # [I, H]
-    down: torch.Tensor  # [H, I]
-    act: str
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.gate.shape[0]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.gate.shape[1]
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """h(x) for x [T, H] -> [T, I]."""
-        return activation(self.act)(x @ self.gate.T) * (x @ self.up.T)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hidden(x) @ self.down.T
-
-
-# --------------------------------------------------------------------------- routers
-
-
-class StaticRouter(nn.Module):
-    """No router: every routed expert is always active (MLPMoE)."""
-
-    def __init__(self, num_experts: int, hidden_size: int, spec: dict[str, Any], act: str):
-        super().__init__()
-        self.num_experts = num_experts
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(x.shape[0], self.num_experts, dtype=torch.float32)
-
-
-class LinearRouter(nn.Module):
-    """s(x) = W x, or W_up (W_down x) for a low-rank router of rank r."""
-
-    def __init__(self, num_experts: int, hidden_size: int, spec: dict[str, Any], act: str):
-        super().__init__()
-        rank = spec.get("rank")
-        if rank:
-            self.proj = nn.Parameter(torch.zeros(int(rank), hidden_size))
-            self.weight = nn.Parameter(torch.zeros(num_experts, int(rank)))
-        else:
-            self.proj = None
-            self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.proj is not None:
-            x = x @ self.proj.float().T
-        return x @ self.weight.float().T
-
-
-class AnalyticalRouter(nn.Module):
-    """CMoE's router: the MLP restricted to representative neurons.
-
-    r(x) = act(G_rep x) * (U_rep x) in R^n; s(x) = C r(x) with C [N, n]. With one
-    representative per expert C is the identity (the paper's router); several
-    representatives per expert weighted by ||W_down[:, i]|| give a router that
-    estimates each expert's output norm from a sample of its neurons.
-
-    spec["rank"] = r: low-rank router; x is first projected to r dims (proj [r, H])
-    and the router neurons read the projection (gate_up [2n, r]).
-    """
-
-    def __init__(self, num_experts: int, hidden_size: int, spec: dict[str, Any], act: str):
-        super().__init__()
-        n = int(spec.get("neurons", num_experts))
-        rank = spec.get("rank")
-        self.proj = nn.Parameter(torch.zeros(int(rank), hidden_size)) if rank else None
-        self.gate_up = nn.Parameter(torch.zeros(2 * n, int(rank) if rank else hidden_size))
-        self.combine = nn.Parameter(torch.zeros(num_experts, n))
-        self.absolute = bool(spec.get("absolute", False))
-        self.normalize = bool(spec.get("normalize", False))  # the reference code's unit-normalised input
-        self.act_fn = activation(act)
-        self.n = n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.normalize:
-            x = F.normalize(x, dim=-1)
-        if self.proj is not None:
-            x = x @ self.proj.float().T
-        gu = x @ self.gate_up.float().T
-        r = self.act_fn(gu[:, : self.n]) * gu[:, self.n :]
-        if self.absolute:
-            r = r.abs()
-        return r @ self.combine.float().T
-
-
-class MLPRouter(nn.Module):
-    """MoEfication's learned router: Linear-Tanh-Linear, optionally through a rank-r projection."""
-
-    def __init__(self, num_experts: int, hidden_size: int, spec: dict[str, Any], act: str):
-        super().__init__()
-        width = int(spec.get("hidden", 4 * num_experts))
-        self.w1 = nn.Parameter(torch.zeros(width, hidden_size))
-        self.b1 = nn.Parameter(torch.zeros(width))
-        self.w2 = nn.Parameter(torch.zeros(num_experts, width))
-        self.b2 = nn.Parameter(torch.zeros(num_experts))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x.float() @ self.w1.float().T + self.b1.float()) @ self.w2.float().T + self.b2.float()
-
-
-ROUTERS: dict[str, type[nn.Module]] = {
-    "static": StaticRouter,
-    "linear": LinearRouter,
-    "analytical": AnalyticalRouter,
-    "mlp": MLPRouter,
-}
 
 
 # --------------------------------------------------------------------------- the block
@@ -338,7 +211,7 @@ class MoEMLP(nn.Module):
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The block's definition on x [T, H], in float32 for half inputs; the fast kernels are tested against it."""
-        acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        acc_dtype = accumulation_dtype(x.dtype)
         out = torch.zeros(x.shape[0], self.hidden_size, dtype=acc_dtype, device=x.device)
         if self.shared_size:
             out += self._shared(x).to(acc_dtype)

@@ -14,8 +14,9 @@ from typing import Iterator
 
 from torch import nn
 
-from .errors import InputError
-from .moe import GatedWeights, MoEMLP
+from ..errors import InputError
+from ..core.dense import GatedWeights
+from ..blocks.moe import MoEMLP
 
 
 @dataclass(frozen=True)

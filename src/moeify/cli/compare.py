@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .cli import _environment, _fail, _write_json, app, console, err
+from .app import _environment, _fail, _write_json, app, console, err
 
 
 @app.command()
@@ -33,9 +33,9 @@ def compare(
     """Convert with each method at each active fraction and compare perplexity with the dense model (resumable)."""
     import torch
 
-    from .calibration import Calibration
-    from .compare import compare as run_compare
-    from .errors import InputError, MoeifyError
+    from ..data.calibration import Calibration
+    from ..compare import compare as run_compare
+    from ..errors import InputError, MoeifyError
 
     try:
         if json_out is not None and json_out.exists() and not overwrite and out.resolve() not in json_out.resolve().parents:

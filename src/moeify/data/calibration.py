@@ -4,7 +4,7 @@
     model = moeify.convert(model, moeify.CMoEConfig(layout="S3A3E8"), calibration=cal, tokenizer=tok)
 
 Calibration windows are drawn GPTQ-style from the source's calibration split
-(protocol.md). Router fidelity is measured on `heldout_tokens` tokens taken
+(docs/protocol.md). Router fidelity is measured on `heldout_tokens` tokens taken
 from the same calibration split at positions that overlap no calibration
 window, so no number is reported on data the conversion was fitted to, and
 the evaluation split is never touched.
@@ -13,7 +13,6 @@ the evaluation split is never touched.
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import torch
 
@@ -60,7 +59,7 @@ class Calibration:
         return cal
 
     def _ids(self, tokenizer) -> torch.Tensor:
-        from ..texts import load_token_ids
+        from .texts import load_token_ids
 
         return load_token_ids(tokenizer, self.source, "calibration")
 
@@ -75,7 +74,7 @@ class Calibration:
             return self._cache["windows"]
         if tokenizer is None:
             raise InputError("calibration needs the model's tokenizer: pass tokenizer=... to moeify.convert.")
-        from ..texts import sample_windows
+        from .texts import sample_windows, window_starts
 
         ids = self._ids(tokenizer)
         need = self.seq_len + 1
@@ -84,12 +83,16 @@ class Calibration:
                 f"calibration source {self.source!r} has {ids.numel()} tokens; {self.samples} windows of {self.seq_len} tokens "
                 f"need at least {need}. Give more text, or lower --seq-len."
             )
-        rng = random.Random(self.seed)
-        starts = [rng.randint(0, ids.numel() - self.seq_len - 1) for _ in range(self.samples)]
+        starts = window_starts(ids.numel(), self.samples, self.seq_len, self.seed)
         cal = sample_windows(ids, self.samples, self.seq_len, self.seed)
         held = heldout_from(ids, starts, self.seq_len, self.heldout_tokens, self.seq_len)
-        self._cache = {"key": key, "windows": (cal, held)}
+        self._cache = {"key": key, "windows": (cal, held), "starts": starts}
         return cal, held
+
+    def window_starts(self, tokenizer) -> list[int] | None:
+        """Token offsets of the calibration windows in the source's token stream (None for given windows)."""
+        self.windows(tokenizer)
+        return self._cache.get("starts")
 
 
 def heldout_from(ids: torch.Tensor, starts: list[int], seq_len: int, n_tokens: int, max_len: int) -> torch.Tensor | None:

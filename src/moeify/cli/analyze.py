@@ -9,11 +9,11 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .cli import _environment, _fail, _write_json, app, console
+from .app import _environment, _fail, _write_json, app, console
 
 
 def _ints(text: Optional[str], what: str) -> list[int] | None:
-    from .errors import InputError
+    from ..errors import InputError
 
     if text is None:
         return None
@@ -24,7 +24,7 @@ def _ints(text: Optional[str], what: str) -> list[int] | None:
 
 
 def _refuse_existing(path: Optional[Path], overwrite: bool) -> None:
-    from .errors import InputError
+    from ..errors import InputError
 
     if path is not None and path.exists() and not overwrite:
         raise InputError(f"output {path} already exists; choose another path or pass --overwrite to replace it.")
@@ -52,9 +52,9 @@ def analyze(
 ) -> None:
     """Per-layer analysis of a converted checkpoint: activation rates, expert load, router fidelity,
     partition stability, the real-vs-Gaussian 'secret MoE' test and low-rank routers."""
-    from .analysis import AnalysisSettings, analyze as run
-    from .errors import InputError, MoeifyError
-    from .io import prepare_output
+    from ..analysis import AnalysisSettings, analyze as run
+    from ..errors import InputError, MoeifyError
+    from ..core.files import prepare_output
 
     try:
         if not (Path(checkpoint) / "config.json").is_file() or "moeify" not in json.loads((Path(checkpoint) / "config.json").read_text()):
@@ -72,7 +72,7 @@ def analyze(
         result = run(checkpoint, settings)
         result["environment"] = _environment()
         if out is not None:
-            from .analysis.plots import analysis_figures
+            from ..analysis.plots import analysis_figures
 
             result["figures"] = analysis_figures(result, out)
     except MoeifyError as e:
@@ -122,12 +122,12 @@ def report(
     overwrite: bool = typer.Option(False, help="Replace an existing page."),
 ) -> None:
     """One self-contained HTML page: conversion settings, perplexity and zero-shot tables, analysis figures."""
-    from .errors import MoeifyError
-    from .report import build_report, load_inputs
+    from ..errors import MoeifyError
+    from ..report import build_report, load_inputs
 
     try:
         if output.exists() and not overwrite:
-            from .errors import InputError
+            from ..errors import InputError
 
             raise InputError(f"output {output} already exists; choose another path or pass --overwrite to replace it.")
         inputs = load_inputs(checkpoint, list(evals or []), analysis)

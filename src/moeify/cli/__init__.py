@@ -1,0 +1,19 @@
+"""The `moeify` command line: one module per group of commands, all on the app in app.py."""
+
+from __future__ import annotations
+
+import sys
+
+from . import analyze, bench, commands, compare  # noqa: F401  (each registers its commands on `app`)
+from .app import app, err
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+__all__ = ["app", "main"]
