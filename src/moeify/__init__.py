@@ -11,7 +11,7 @@ It does not import lm-eval or initialise CUDA.
 
 import logging as _logging
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 _logging.getLogger("moeify").addHandler(_logging.NullHandler())
 

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from .core.files import atomic_write, write_json
+from .data.assets import model_label, model_provenance
 from .core.method import METHODS, MethodConfig
 from .errors import InputError
 
@@ -204,7 +205,8 @@ def compare(
             on_result(row)
     result = {
         "format": FORMAT,
-        "model": str(model or "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        "model": model_label(model),
+        "model_provenance": model_provenance(model),
         "protocol": protocol,
         "dtype": dtype,
         "windows": dense_res["windows"],
@@ -227,7 +229,7 @@ def _run_one(dense, tok, name, f, cfg, calibration, windows, dense_ppl, progress
     seconds = time.perf_counter() - t0
     s = conv.config.moeify["summary"]
     r = perplexity(conv, windows, progress=progress)
-    per_layer = s.get("per_layer", [])
+    s.get("per_layer", [])
     row: dict[str, Any] = {
         "method": name,
         "active_target": f,

@@ -14,10 +14,10 @@ import datetime as _dt
 import html
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+from .core.files import atomic_write, write_text
 from .errors import InputError
 
 log = logging.getLogger("moeify")
@@ -235,10 +235,8 @@ def build_report(inputs: dict[str, Any], out_html: Path, *, overwrite: bool = Fa
         if fig is None:
             continue
         path = out_dir / f"{stem}-{name}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
-        os.replace(tmp, path)
         figures.append((f"fig-{name}", path.name, caption))
     verdict = ""
     sm = ((a or {}).get("summary") or {}).get("secret_moe")
@@ -266,8 +264,6 @@ def build_report(inputs: dict[str, Any], out_html: Path, *, overwrite: bool = Fa
         parts.append(f'<figure id="{fid}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
                      f"<figcaption>{html.escape(caption)} (<code>{html.escape(fname)}</code>)</figcaption></figure>")
     parts.append("</body></html>")
-    tmp = out_html.with_name(f".{out_html.name}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out_html)
+    write_text(out_html, "\n".join(parts))
     log.info("report written to %s with %d tables and %d figures", out_html, len(tables), len(figures))
     return {"html": str(out_html), "figures": [f for _, f, _ in figures], "tables": [t for t, _, _ in tables]}

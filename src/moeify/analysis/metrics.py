@@ -13,7 +13,6 @@ import math
 import numpy as np
 import torch
 
-from ..errors import InputError
 
 # exact best-subset search enumerates all subsets of the routed experts up to this many experts
 EXACT_SUBSETS_MAX_EXPERTS = 12

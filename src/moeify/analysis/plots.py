@@ -6,11 +6,12 @@ when the analysis lacks that part; `analysis_figures` writes them as PNG files.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..core.files import atomic_write
 
 FIG_DPI = 110
 
@@ -285,9 +286,7 @@ def analysis_figures(a: dict[str, Any], out: Path, prefix: str = "") -> list[str
         if fig is None:
             continue
         path = out / f"{prefix}{name}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=FIG_DPI)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=FIG_DPI, format="png"))
         plt.close(fig)
-        os.replace(tmp, path)
         names.append(path.name)
     return names

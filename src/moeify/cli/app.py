@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dense LLM MLPs into Mixture-of-Experts layers, without training.")
 console = Console()
@@ -45,10 +44,10 @@ def _environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    import moeify
+    from .._version import __version__
 
     return {
-        "moeify": moeify.__version__,
+        "moeify": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

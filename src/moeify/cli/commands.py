@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -10,6 +11,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
+from ..data.assets import model_label, model_provenance
 from .app import _environment, _fail, _write_json, app, console
 
 
@@ -51,29 +53,16 @@ def pull(force: bool = typer.Option(False, help="Fetch again even if cached.")) 
     console.print(t)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog="Method options: every setting of the method's config is an option, e.g. --layout S3A3E8 for cmoe, "
+                    "--branches 8 for mlpmoe; `moeify methods NAME` lists them with their defaults.")
 def convert(
+    ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Hub id, local folder or .gguf file; default: SmolLM2-135M-Instruct."),
     method: str = typer.Option("mlpmoe", "--method", "-m", help="Conversion method (see `moeify methods`)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the converted checkpoint to."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
-    branches: Optional[int] = typer.Option(None, help="mlpmoe: number of contiguous branches B (default 8)."),
-    prune: Optional[float] = typer.Option(None, help="mlpmoe: fraction of MLP parameters to remove (default 0)."),
-    prune_mode: Optional[str] = typer.Option(None, help="mlpmoe: fractal-fade | compensated | uniform."),
-    layout: Optional[str] = typer.Option(None, help="Routed methods: SxAyEz layout, e.g. S3A3E8."),
-    shared: Optional[int] = typer.Option(None, help="Routed methods: shared experts (instead of --layout)."),
-    active: Optional[int] = typer.Option(None, help="Routed methods: routed experts active per token."),
-    experts: Optional[int] = typer.Option(None, help="Routed methods: experts in total."),
-    variant: Optional[str] = typer.Option(None, help="cmoe: moeify (default, measured improvements) | paper | reference."),
-    k_act: Optional[int] = typer.Option(None, "--k-act", help="cmoe/prune: K_a, neurons marked per token (default 10)."),
-    router: Optional[str] = typer.Option(None, help="cmoe: representative | multi | fitted; moefication: mlp | centroid; llama-moe: analytical | mlp | centroid."),
-    max_iters: Optional[int] = typer.Option(None, help="cmoe: balanced-clustering iterations cap (1 = the reference code)."),
-    router_neurons: Optional[int] = typer.Option(None, help="cmoe multi/fitted router: neurons per expert the router reads (default 8)."),
-    router_rank: Optional[int] = typer.Option(None, "--router-rank", help="cmoe: low-rank router, reading x through a data-aware projection to this many dims (default: full rank)."),
-    fraction: Optional[float] = typer.Option(None, help="prune: fraction of MLP neurons to keep (instead of --layout); moefication / llama-moe / expertweaver: active fraction of the experts (instead of --active)."),
-    split: Optional[str] = typer.Option(None, help="llama-moe: random | cluster (balanced k-means on W_gate rows)."),
-    profile_tasks: Optional[str] = typer.Option(None, "--profile-tasks", help="expertweaver: profiling tasks added to the calibration windows: local (code, licences, docs) | none | comma list of those and text files/folders."),
-    downcycle: bool = typer.Option(False, "--downcycle", help="expertweaver: downcycling export (uniform shared ratio, softmax router), an initialisation for continued training."),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", help="Any method setting as key=value (repeatable), e.g. --opt router_neurons=24."),
     dense_feed: bool = typer.Option(False, "--dense-feed", help="Profile each layer on the dense model's hidden states instead of the converted layers' (the paper's setting)."),
     calib: str = typer.Option("austen", help="Calibration text source: austen | wikitext2 | c4 | FILE | DIR | FILE.jsonl[:field] | hf:NAME[:CONFIG]:SPLIT:COLUMN."),
     samples: int = typer.Option(8, help="Calibration windows."),
@@ -91,17 +80,19 @@ def convert(
 
     from ..models.checkpoint import save
     from ..pipeline.convert import config_intermediate_sizes, convert as run_convert, count_parameters
-    from ..core.method import config_for
+    from ..core.method import method_class
+    from .options import parse_method_args
     from ..errors import MoeifyError
     from ..models.checkpoint import load_config, load_model, resolve_model_path
     from ..core.files import prepare_output
 
     try:
         prepare_output(output, overwrite)
-        opts = dict(branches=branches, prune=prune, prune_mode=prune_mode, layout=layout, shared=shared, active=active, experts=experts,
-                    variant=variant, k_act=k_act, router=router, max_iters=max_iters, router_neurons=router_neurons, router_rank=router_rank,
-                    fraction=fraction, split=split, tasks=profile_tasks, downcycle=downcycle or None)
-        cfg = config_for(method, **opts)
+        cls = method_class(method)
+        settings = parse_method_args(cls, list(ctx.args), opt)
+        if "seed" in {f.name for f in dataclasses.fields(cls)}:
+            settings.setdefault("seed", seed)  # --seed seeds the method's own randomness too
+        cfg = cls(**settings)
         calibration = None
         if cfg.needs_calibration:
             from ..data.calibration import Calibration
@@ -123,7 +114,8 @@ def convert(
         result: dict[str, Any] = {
             "method": cfg.method,
             "config": cfg.to_dict()["_data"],
-            "model": str(model or "HuggingFaceTB/SmolLM2-135M-Instruct"),
+            "model": model_label(model),
+            "model_provenance": model_provenance(model),
             "active_mlp_fraction": summary["active_mlp_fraction"],
             "mlp_params_removed_fraction": summary["mlp_params_removed_fraction"],
             "seconds": summary["seconds"],
@@ -211,7 +203,8 @@ def eval_(
             if not base_name:
                 raise InputError(f"{model} does not record its base model: pass --baseline MODEL.")
         base = load_model(base_name, dtype=dtype, with_tokenizer=False)[0] if base_name else None
-        result: dict[str, Any] = {"model": model, "baseline": base_name, "ppl": {}}
+        result: dict[str, Any] = {"model": model, "baseline": base_name, "ppl": {},
+                                  "baseline_provenance": model_provenance(base_name) if base_name else None}
         if base is not None:
             result["ppl"] = _compare_ppl(m, base, tok, sources, quick, dtype)
         else:
@@ -268,19 +261,30 @@ def _print_zero_shot(result: dict[str, Any], model: str, base_name: str | None) 
 
 
 @app.command()
-def methods() -> None:
-    """List the conversion methods and their options."""
-    import dataclasses
+def methods(name: Optional[str] = typer.Argument(None, help="A method: list its options with their defaults and help.")) -> None:
+    """List the conversion methods, or one method's options (the flags `moeify convert --method NAME` takes)."""
+    from ..core.method import METHODS, method_class
+    from ..errors import MoeifyError
+    from .options import method_options
 
-    from ..core.method import METHODS
-
-    t = Table(title="moeify methods")
-    t.add_column("method")
-    t.add_column("calibration")
-    t.add_column("options (defaults)")
-    for name, cls in sorted(METHODS.items()):
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING)
-        t.add_row(name, "yes" if cls.needs_calibration else "no", opts)
+    if name is None:
+        t = Table(title="moeify methods (`moeify methods NAME` for one method's options)")
+        t.add_column("method")
+        t.add_column("calibration")
+        t.add_column("options (defaults)")
+        for n, cls in sorted(METHODS.items()):
+            t.add_row(n, "yes" if cls.needs_calibration else "no", ", ".join(f"{o.flag}={o.default!r}" for o in method_options(cls)))
+        console.print(t)
+        return
+    try:
+        cls = method_class(name)
+    except MoeifyError as e:
+        _fail(e)
+    t = Table(title=f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+    for c in ("option", "type", "default", "help"):
+        t.add_column(c)
+    for o in method_options(cls):
+        t.add_row(o.flag, o.kind.__name__, repr(o.default), o.help)
     console.print(t)
 
 

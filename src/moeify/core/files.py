@@ -6,12 +6,13 @@ assets) goes through here; an existing output is replaced only when the caller s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import InputError
 
@@ -51,23 +52,38 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def atomic_dir(out: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Run write(tmp_dir), then rename tmp_dir into place; a failure leaves `out` untouched."""
-    out = prepare_output(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+@contextlib.contextmanager
+def staged_dir(target: str | os.PathLike, before_rename: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield an empty folder beside `target`; on a clean exit it replaces `target` by rename, on error it is removed.
+
+    os.replace cannot overwrite a non-empty folder, so an existing target is first moved aside:
+    it is briefly absent, never partial.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        yield tmp
+        if before_rename is not None:
+            before_rename(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_dir(out: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
+    """Run write(tmp_dir), then rename tmp_dir into place; a failure leaves `out` untouched."""
+    out = prepare_output(out, overwrite)
+    with staged_dir(out) as tmp:
+        write(tmp)
     return out
 
 
-__all__ = ["atomic_dir", "atomic_write", "prepare_output", "write_json", "write_text"]
+__all__ = ["atomic_dir", "atomic_write", "prepare_output", "staged_dir", "write_json", "write_text"]

@@ -19,7 +19,6 @@ Heavy imports (torch, transformers, rdata) happen inside the functions to keep
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from ..core.files import staged_dir
 from ..errors import AssetError
 
 logger = logging.getLogger("moeify")
@@ -94,30 +94,10 @@ def _tail(text: str, lines: int = 6) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-@contextlib.contextmanager
 def _staging(target: Path):
-    """Yield an empty temporary folder next to ``target``; on clean exit it
-    replaces ``target`` by rename, on error it is removed.
-
-    ``os.replace`` cannot overwrite a non-empty folder, so an existing target
-    (``force=True``) is first moved aside; the target is then briefly absent but
-    never partial.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _ordinary_permissions(tmp)
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """An empty folder next to ``target`` that replaces it by rename on a clean exit (core.files.staged_dir),
+    with the permissions of any folder the user creates."""
+    return staged_dir(target, before_rename=_ordinary_permissions)
 
 
 def _ordinary_permissions(folder: Path) -> None:
@@ -162,6 +142,42 @@ def _write_provenance(folder: Path, **facts) -> None:
 
 
 # --------------------------------------------------------------------------- model
+
+
+DEFAULT_ALIASES = ("smollm2", "smollm2-135m", DEFAULT_MODEL)
+
+
+def is_default_model(name_or_path) -> bool:
+    """True for None, the default model's id or aliases, and its cached folder."""
+    if name_or_path is None or str(name_or_path) in DEFAULT_ALIASES:
+        return True
+    try:
+        return Path(name_or_path).resolve() == default_model_dir().resolve()
+    except (OSError, TypeError):
+        return False
+
+
+def model_provenance(name_or_path) -> dict | None:
+    """What the default model's weights really are (the cached asset's provenance file), for every result JSON.
+
+    The offline default is the Q4_1 GGUF of SmolLM2-135M-Instruct dequantised to float32, not the hub's
+    bf16 checkpoint: every number measured on it says so. None for other models.
+    """
+    if not is_default_model(name_or_path):
+        return None
+    f = default_model_dir() / PROVENANCE_FILE
+    facts = json.loads(f.read_text()) if f.is_file() else {}
+    return {"model": DEFAULT_MODEL, "weights": facts.get("source", "not pulled yet"), "note": facts.get("note", "")}
+
+
+def model_label(name_or_path) -> str:
+    """The model's name for tables: the default model says that it is the dequantised 4-bit GGUF when it is."""
+    prov = model_provenance(name_or_path)
+    if prov is None:
+        return str(name_or_path)
+    if "Q4_1" in prov["weights"]:
+        return f"{DEFAULT_MODEL} (Q4_1 GGUF dequantised to fp32)"
+    return DEFAULT_MODEL
 
 
 def _model_is_complete(folder: Path) -> bool:

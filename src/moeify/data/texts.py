@@ -31,11 +31,11 @@ import logging
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..core.files import atomic_write
 from ..errors import AssetError, InputError
 
 logger = logging.getLogger("moeify")
@@ -267,13 +267,7 @@ def load_token_ids(tokenizer, source: str = "austen", split: str = "calibration"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         dtype = np.int32 if len(tokenizer) < 2**31 else np.int64
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, ids.numpy().astype(dtype), allow_pickle=False)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: np.save(tmp, ids.numpy().astype(dtype), allow_pickle=False))
     except OSError as exc:  # a read-only cache must not stop the run
         logger.warning("could not cache token ids at %s: %s", path, exc)
     return ids

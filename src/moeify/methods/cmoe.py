@@ -44,7 +44,7 @@ import torch
 
 from ..core.dense import GatedWeights, activation, check_finite_output, hidden_activations
 from ..core.layout import Layout, check_layout_fits, parse_layout
-from ..core.method import LayerResult, MethodConfig, multiple_of
+from ..core.method import LayerResult, MethodConfig, option, multiple_of
 from ..core.plan import LayerPlan
 from ..errors import InputError
 from .common import activation_rates, balanced_kmeans, order_desc, topk_mask
@@ -74,25 +74,25 @@ class CMoEConfig(MethodConfig):
     method = "cmoe"
     needs_calibration = True
 
-    layout: str | None = None
-    shared: int | None = None
-    active: int | None = None
-    experts: int | None = None
-    variant: str = "moeify"
-    k_act: int = 10
-    marking: str | None = None
-    shared_by: str | None = None
-    features: str | None = None
-    max_iters: int | None = None
-    router: str | None = None
-    router_neurons: int = 8
-    router_rank: int | None = None  # low-rank router: read x through a data-aware r-dim projection
-    absolute: bool | None = None
-    normalize: bool | None = None
-    compensate: bool | None = None
-    ridge: float = 1e-3
-    gate: str = "unit"
-    solver: str = "auto"
+    layout: str | None = option(None, 'SxAyEz layout, e.g. S3A3E8 (3 shared + 3 of 5 routed experts active, 8 in all)')
+    shared: int | None = option(None, 'shared experts (instead of --layout)')
+    active: int | None = option(None, 'routed experts active per token (instead of --layout)')
+    experts: int | None = option(None, 'experts in total (instead of --layout)')
+    variant: str = option("moeify", 'moeify (default, measured improvements) | paper | reference')
+    k_act: int = option(10, 'K_a, neurons marked per token')
+    marking: str | None = option(None, 'real | cosine (default from the variant)')
+    shared_by: str | None = option(None, 'rate | contribution (default from the variant)')
+    features: str | None = option(None, 'marks | contribution (default from the variant)')
+    max_iters: int | None = option(None, 'balanced-clustering iterations cap (1 = the reference code)')
+    router: str | None = option(None, 'representative | multi | fitted')
+    router_neurons: int = option(8, 'neurons per expert the multi/fitted router reads')
+    router_rank: int | None = option(None, 'low-rank router: read x through a data-aware projection to this many dims (default full rank)')  # low-rank router: read x through a data-aware r-dim projection
+    absolute: bool | None = option(None, 'router scores on |r(x)|')
+    normalize: bool | None = option(None, "the reference code's unit-normalised router input")
+    compensate: bool | None = option(None, "add each unselected expert's calibration-mean output")
+    ridge: float = option(1e-3, 'ridge strength of the fitted router')
+    gate: str = option("unit", 'unit | cmoe (g = 1 + softmax(s) u, u = 0)')
+    solver: str = option("auto", 'balanced assignment: auto | paths | scipy')
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from ..core.dense import GatedWeights
-from ..core.method import LayerResult, MethodConfig
+from ..core.method import LayerResult, MethodConfig, option
 from ..core.plan import LayerPlan
 from ..data.calibration import Calibration
 from ..errors import InputError
@@ -77,20 +77,20 @@ class ExpertWeaverConfig(MethodConfig):
     method = "expertweaver"
     needs_calibration = True
 
-    experts: int = 64
-    active: int | None = None
-    fraction: float | None = None
-    tau: float = 0.6
-    alpha_min: float = 0.2
-    alpha_max: float = 0.7
-    tasks: str = "local"
-    task_windows: int = 1
-    sample_len: int = 256
+    experts: int = option(64, 'N_e experts per layer')
+    active: int | None = option(None, 'experts active per token in total (instead of --fraction)')
+    fraction: float | None = option(None, 'active fraction of the N_e experts')
+    tau: float = option(0.6, 'CV threshold of a specialised neuron')
+    alpha_min: float = option(0.2, 'smallest shared share')
+    alpha_max: float = option(0.7, 'largest shared share')
+    tasks: str = option("local", 'profiling tasks added to the calibration windows: local (code, licences, docs) | none | comma list of those and text files/folders', cli="profile-tasks")
+    task_windows: int = option(1, 'windows per added task')
+    sample_len: int = option(256, 'tokens per profiling sample')
     eps: float = 1e-6
-    max_iters: int = 10
-    seed: int = 0
-    downcycle: bool = False
-    shared_ratio: float = 0.2
+    max_iters: int = option(10, 'balanced k-means iterations cap')
+    seed: int = option(0, 'seed of the k-means initialisation')
+    downcycle: bool = option(False, 'downcycling export (uniform shared ratio, softmax router)')
+    shared_ratio: float = option(0.2, 'shared share when downcycling')
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha_min <= self.alpha_max <= 1.0:

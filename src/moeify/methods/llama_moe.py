@@ -32,7 +32,7 @@ import torch
 
 from ..core.dense import GatedWeights, hidden_activations
 from ..core.layout import Layout
-from ..core.method import LayerResult
+from ..core.method import LayerResult, option
 from ..core.plan import LayerPlan
 from ..errors import InputError
 from .common import EqualExpertsConfig, analytical_router_for, centroid_router_for, cluster_rows, finish_plan, mlp_router_for
@@ -50,10 +50,10 @@ class LlamaMoEConfig(EqualExpertsConfig):
     routers = ROUTERS
     variants = {"llama-moe-random": {"split": "random"}, "llama-moe-cluster": {"split": "cluster"}}
 
-    experts: int = 16
-    router: str = "analytical"
-    split: str = "random"
-    router_neurons: int = 8
+    experts: int = option(16, 'experts E per layer')
+    router: str = option("analytical", 'analytical | mlp | centroid')
+    split: str = option("random", 'random | cluster (balanced k-means on W_gate rows)')
+    router_neurons: int = option(8, 'neurons per expert the analytical router reads')
 
     def __post_init__(self) -> None:
         super().__post_init__()

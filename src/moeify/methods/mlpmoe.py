@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from ..core.dense import GatedWeights
-from ..core.method import LayerResult, MethodConfig, multiple_of
+from ..core.method import LayerResult, MethodConfig, option, multiple_of
 from ..core.plan import LayerPlan
 from ..errors import InputError
 
@@ -44,9 +44,9 @@ class MLPMoEConfig(MethodConfig):
 
     method = "mlpmoe"
 
-    branches: int = 8
-    prune: float = 0.0
-    prune_mode: str = "fractal-fade"
+    branches: int = option(8, 'number of contiguous branches B')
+    prune: float = option(0.0, 'fraction of MLP parameters to remove (0 = exact)')
+    prune_mode: str = option("fractal-fade", 'fractal-fade | compensated | uniform')
 
     def __post_init__(self) -> None:
         if int(self.branches) != self.branches or self.branches < 1:

@@ -16,7 +16,7 @@ import torch
 
 from ..core.dense import GatedWeights, check_finite_output, hidden_activations
 from ..core.layout import check_layout_fits, parse_layout
-from ..core.method import LayerResult, MethodConfig
+from ..core.method import LayerResult, MethodConfig, option
 from ..core.plan import LayerPlan
 from ..errors import InputError
 from .common import activation_rates
@@ -29,13 +29,13 @@ class PruneConfig(MethodConfig):
     method = "prune"
     needs_calibration = True
 
-    fraction: float | None = None
-    layout: str | None = None
+    fraction: float | None = option(None, 'fraction of MLP neurons to keep (instead of --layout)')
+    layout: str | None = option(None, 'keep the active fraction of this SxAyEz layout')
     shared: int | None = None
     active: int | None = None
     experts: int | None = None
-    k_act: int = 10
-    score: str = "rate"
+    k_act: int = option(10, 'K_a, neurons marked per token for the activation rate')
+    score: str = option("rate", 'rate | contribution')
 
     def __post_init__(self) -> None:
         if self.fraction is None:

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from ..core.files import atomic_dir, prepare_output
+from ..data.assets import DEFAULT_ALIASES
 from ..errors import InputError
 
 log = logging.getLogger("moeify")
 
-DEFAULT_ALIASES = ("smollm2", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -35,9 +35,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     """A local path or hub id; the default model (and its aliases) resolve to the offline cache."""
-    from ..data.assets import DEFAULT_MODEL, pull_default_model
+    from ..data.assets import pull_default_model
 
-    if name_or_path is None or str(name_or_path) in DEFAULT_ALIASES or str(name_or_path) == DEFAULT_MODEL:
+    if name_or_path is None or str(name_or_path) in DEFAULT_ALIASES:
         return str(pull_default_model())
     return str(name_or_path)
 

@@ -29,7 +29,7 @@ log = logging.getLogger("moeify")
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ...core.method import MethodConfig
+from ...core.method import MethodConfig, option
 from ...errors import InputError
 
 
@@ -57,16 +57,16 @@ class EqualExpertsConfig(MethodConfig):
 
     routers = ("mlp", "centroid")  # the router kinds this method accepts (a class attribute, not a field)
 
-    experts: int = 32
-    active: int | None = None
-    fraction: float | None = None
-    router: str = "mlp"
-    max_iters: int = 10
-    seed: int = 0
-    router_hidden: int | None = None
-    router_steps: int = 200
-    router_batch: int = 512
-    router_lr: float = 5e-3
+    experts: int = option(32, 'experts E per layer')
+    active: int | None = option(None, 'experts active per token (instead of --fraction)')
+    fraction: float | None = option(None, 'active fraction of the E experts')
+    router: str = option("mlp", 'router kind')
+    max_iters: int = option(10, 'balanced k-means iterations cap')
+    seed: int = option(0, 'seed of the split / k-means initialisation / router training')
+    router_hidden: int | None = option(None, 'MLP router width (default 4 E)')
+    router_steps: int = option(200, 'MLP router training steps')
+    router_batch: int = option(512, 'MLP router batch size')
+    router_lr: float = option(5e-3, 'MLP router learning rate')
 
     def __post_init__(self) -> None:
         self.active = resolve_active(self.experts, self.active, self.fraction, self.method)
