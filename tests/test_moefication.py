@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import moeify
 from moeify.cli.app import app
 from moeify.errors import InputError
+from moeify.methods.llama_moe import LlamaMoEConfig
 from moeify.methods.moefication import MoEficationConfig, plan_moefication
 from moeify.methods.common import expert_mass, topk_mask, train_mlp_router
 from moeify.core.dense import GatedWeights
@@ -105,12 +106,16 @@ def test_all_experts_active_is_exact_and_save_reload(tmp_path):
     assert again.config.moeify["method"] == "moefication"
 
 
-def test_bad_settings():
+@pytest.mark.parametrize("cls", [MoEficationConfig, LlamaMoEConfig])
+def test_equal_expert_methods_refuse_too_many_experts_and_unreachable_fractions(cls):
     with pytest.raises(InputError, match="at most 96 experts"):
-        moeify.convert(tiny_model("llama"), MoEficationConfig(experts=128, active=4),
+        moeify.convert(tiny_model("llama"), cls(experts=97, active=2),
                        calibration=moeify.Calibration.from_windows(_ids(1, 32, 0)), progress=False)
     with pytest.raises(InputError, match=r"nearest reachable fraction is 0\.3125"):
-        MoEficationConfig(experts=32, fraction=0.3)
+        cls(experts=32, fraction=0.3)
+
+
+def test_bad_settings():
     with pytest.raises(InputError, match="router"):
         MoEficationConfig(router="oracle")
     with pytest.raises(InputError, match="disagree"):

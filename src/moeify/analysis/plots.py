@@ -111,20 +111,30 @@ def fig_router_fidelity(a: dict):
     k = layers[0]["top_k"]
     N = len(layers[0]["experts"])
     ax.axhline(k / N, color="gray", ls=":", label=f"random router (k/N = {k / N:.2f})")
+    _overlap_axes(ax, "router fidelity on held-out tokens")
+    ax2.plot(ids, [lay["fidelity"]["rel_error_router"] for lay in layers], "o-", label="router selection")
+    ax2.plot(ids, [lay["fidelity"]["rel_error_oracle"] for lay in layers], "s--", label="oracle selection (largest ||E_j(x)||)")
+    _error_axes(ax2, "relative MLP output error, held-out tokens")
+    fig.tight_layout()
+    return fig
+
+
+def _overlap_axes(ax, title: str) -> None:
+    """Per-layer router/oracle top-k overlap axes (0..1)."""
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("layer")
     ax.set_ylabel("top-k overlap with the oracle")
-    ax.set_title("router fidelity on held-out tokens")
+    ax.set_title(title)
     ax.legend(fontsize=8)
-    ax2.plot(ids, [lay["fidelity"]["rel_error_router"] for lay in layers], "o-", label="router selection")
-    ax2.plot(ids, [lay["fidelity"]["rel_error_oracle"] for lay in layers], "s--", label="oracle selection (largest ||E_j(x)||)")
-    ax2.set_xlabel("layer")
-    ax2.set_ylabel("||F - F_moe|| / ||F||")
-    ax2.set_title("relative MLP output error, held-out tokens")
-    ax2.set_ylim(bottom=0)
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+
+
+def _error_axes(ax, title: str) -> None:
+    """Per-layer relative MLP output error axes (from 0)."""
+    ax.set_xlabel("layer")
+    ax.set_ylabel("||F - F_moe|| / ||F||")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
 
 
 def fig_stability(a: dict):
@@ -219,16 +229,8 @@ def fig_lowrank(a: dict):
         label = "full rank" if r is None else f"rank {r}"
         ax.plot(ids, [lay["lowrank"][i]["overlap"] for lay in layers], "o-", label=label)
         ax2.plot(ids, [lay["lowrank"][i]["rel_error_router"] for lay in layers], "o-", label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("top-k overlap with the oracle")
-    ax.set_title("low-rank routers (re-fitted on subset A): fidelity")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
-    ax2.set_xlabel("layer")
-    ax2.set_ylabel("||F - F_moe|| / ||F||")
-    ax2.set_title("held-out MLP output error")
-    ax2.set_ylim(bottom=0)
-    ax2.legend(fontsize=8)
+    _overlap_axes(ax, "low-rank routers (re-fitted on subset A): fidelity")
+    _error_axes(ax2, "held-out MLP output error")
     fig.tight_layout()
     return fig
 

@@ -100,7 +100,13 @@ class MethodConfig:
 
     @classmethod
     def for_fraction(cls, fraction: float, **opts) -> "MethodConfig":
-        """The configuration that computes `fraction` of each MLP per token (used by `moeify compare`)."""
+        """The configuration that computes `fraction` of each MLP per token (used by `moeify compare`).
+
+        The default serves methods with a `fraction` setting (its own checks name the nearest reachable
+        fraction when this one is not); others override it.
+        """
+        if "fraction" in {f.name for f in dataclasses.fields(cls)}:
+            return cls(fraction=fraction, **opts)
         raise InputError(f"method {cls.method!r} cannot be set to an active fraction; give its options explicitly.")
 
     def describe(self) -> str:

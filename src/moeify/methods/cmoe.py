@@ -44,10 +44,10 @@ import torch
 
 from ..core.dense import GatedWeights, activation, check_finite_output, hidden_activations
 from ..core.layout import Layout, check_layout_fits, parse_layout
-from ..core.method import LayerResult, MethodConfig, option, multiple_of
+from ..core.method import LayerResult, multiple_of, option, positive_int
 from ..core.plan import LayerPlan
 from ..errors import InputError
-from .common import activation_rates, balanced_kmeans, order_desc, topk_mask
+from .common import LayoutConfig, activation_rates, balanced_kmeans, order_desc, topk_mask
 
 log = logging.getLogger("moeify")
 
@@ -68,18 +68,13 @@ CHOICES = {
 
 
 @dataclasses.dataclass
-class CMoEConfig(MethodConfig):
+class CMoEConfig(LayoutConfig):
     """CMoE conversion. layout 'SxAyEz' (or shared/active/experts); variant picks defaults for the rest."""
 
     method = "cmoe"
     needs_calibration = True
 
-    layout: str | None = option(None, 'SxAyEz layout, e.g. S3A3E8 (3 shared + 3 of 5 routed experts active, 8 in all)')
-    shared: int | None = option(None, 'shared experts (instead of --layout)')
-    active: int | None = option(None, 'routed experts active per token (instead of --layout)')
-    experts: int | None = option(None, 'experts in total (instead of --layout)')
     variant: str = option("moeify", 'moeify (default, measured improvements) | paper | reference')
-    k_act: int = option(10, 'K_a, neurons marked per token')
     marking: str | None = option(None, 'real | cosine (default from the variant)')
     shared_by: str | None = option(None, 'rate | contribution (default from the variant)')
     features: str | None = option(None, 'marks | contribution (default from the variant)')
@@ -105,14 +100,11 @@ class CMoEConfig(MethodConfig):
                 raise InputError(f"{k} must be one of {', '.join(allowed)}; got {getattr(self, k)!r}.")
         lay = parse_layout(self.layout, self.shared, self.active, self.experts)
         self.layout, self.shared, self.active, self.experts = str(lay), lay.shared, lay.active, lay.experts
-        if int(self.k_act) != self.k_act or self.k_act < 1:
-            raise InputError(f"k_act (K_a, neurons marked per token) must be a positive integer, got {self.k_act}.")
-        if int(self.max_iters) != self.max_iters or self.max_iters < 1:
-            raise InputError(f"max_iters must be >= 1, got {self.max_iters}.")
-        if int(self.router_neurons) != self.router_neurons or self.router_neurons < 1:
-            raise InputError(f"router_neurons must be >= 1, got {self.router_neurons}.")
-        if self.router_rank is not None and (int(self.router_rank) != self.router_rank or self.router_rank < 1):
-            raise InputError(f"router_rank must be a positive integer below the hidden size (or omitted for full rank), got {self.router_rank}.")
+        positive_int("k_act", self.k_act, what="K_a, neurons marked per token")
+        positive_int("max_iters", self.max_iters)
+        positive_int("router_neurons", self.router_neurons)
+        if self.router_rank is not None:
+            positive_int("router_rank", self.router_rank, what="below the hidden size, or omitted for full rank")
 
     @property
     def lay(self) -> Layout:

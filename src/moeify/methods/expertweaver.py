@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from ..core.dense import GatedWeights
-from ..core.method import LayerResult, MethodConfig, option
+from ..core.method import LayerResult, MethodConfig, option, positive_int
 from ..core.plan import LayerPlan
 from ..data.calibration import Calibration
 from ..errors import InputError
@@ -95,8 +95,7 @@ class ExpertWeaverConfig(MethodConfig):
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha_min <= self.alpha_max <= 1.0:
             raise InputError(f"need 0 <= alpha_min <= alpha_max <= 1; got alpha_min={self.alpha_min}, alpha_max={self.alpha_max}.")
-        if int(self.experts) != self.experts or self.experts < 1:
-            raise InputError(f"expertweaver: experts (N_e) must be a positive integer, got {self.experts}.")
+        positive_int("expertweaver: experts", self.experts, what="N_e")
         # the smallest shared share (alpha_min, or the downcycling ratio) plus one routed expert must fit the active budget
         low = round((self.shared_ratio if self.downcycle else self.alpha_min) * self.experts)
         why = (f" (downcycling's shared_ratio={self.shared_ratio} makes {low} shared experts, plus one routed)" if self.downcycle
@@ -107,9 +106,7 @@ class ExpertWeaverConfig(MethodConfig):
         if not self.tau > 0:
             raise InputError(f"tau (the CV threshold) must be positive, got {self.tau}.")
         for name in ("task_windows", "sample_len", "max_iters"):
-            v = getattr(self, name)
-            if int(v) != v or v < 1:
-                raise InputError(f"{name} must be a positive integer, got {v}.")
+            positive_int(name, getattr(self, name))
         if not self.tasks or not str(self.tasks).strip():
             raise InputError('tasks must be "local", "none" or a comma list of code, licences, docs and text files/folders.')
         if self.downcycle and not 0.0 <= self.shared_ratio < 1.0:
@@ -163,11 +160,6 @@ class ExpertWeaverConfig(MethodConfig):
 
     def plan(self, weights: GatedWeights, x: torch.Tensor, layer: int, state: dict[str, Any] | None = None) -> LayerResult:
         return plan_expertweaver(weights, x, self, layer, state)
-
-    @classmethod
-    def for_fraction(cls, fraction: float, **opts) -> "ExpertWeaverConfig":
-        """N_e = 64, k = f x 64 experts active in total per layer (f = j/64 above the alpha_min share)."""
-        return cls(fraction=fraction, **opts)
 
     def describe(self) -> str:
         return f"N_e={self.experts}, {self.active} active in total"

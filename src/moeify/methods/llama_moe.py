@@ -32,7 +32,7 @@ import torch
 
 from ..core.dense import GatedWeights, hidden_activations
 from ..core.layout import Layout
-from ..core.method import LayerResult, option
+from ..core.method import LayerResult, option, positive_int
 from ..core.plan import LayerPlan
 from ..errors import InputError
 from .common import EqualExpertsConfig, analytical_router_for, centroid_router_for, cluster_rows, finish_plan, mlp_router_for
@@ -59,16 +59,10 @@ class LlamaMoEConfig(EqualExpertsConfig):
         super().__post_init__()
         if self.split not in SPLITS:
             raise InputError(f"llama-moe split must be one of {', '.join(SPLITS)}; got {self.split!r}.")
-        if int(self.router_neurons) != self.router_neurons or self.router_neurons < 1:
-            raise InputError(f"router_neurons must be >= 1, got {self.router_neurons}.")
+        positive_int("router_neurons", self.router_neurons)
 
     def plan(self, weights: GatedWeights, x: torch.Tensor, layer: int, state=None) -> LayerResult:
         return plan_llama_moe(weights, x, self, layer)
-
-    @classmethod
-    def for_fraction(cls, fraction: float, **opts) -> "LlamaMoEConfig":
-        """E = 16 experts, top-(f x E) (f must be a multiple of 1/E), analytical router."""
-        return cls(fraction=fraction, **opts)
 
     def describe(self) -> str:
         return f"{self.split} split, E={self.experts}, top-{self.active}, {self.router} router"

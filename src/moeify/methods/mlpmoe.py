@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from ..core.dense import GatedWeights
-from ..core.method import LayerResult, MethodConfig, option, multiple_of
+from ..core.method import LayerResult, MethodConfig, multiple_of, option, positive_int
 from ..core.plan import LayerPlan
 from ..errors import InputError
 
@@ -49,9 +49,7 @@ class MLPMoEConfig(MethodConfig):
     prune_mode: str = option("fractal-fade", 'fractal-fade | compensated | uniform')
 
     def __post_init__(self) -> None:
-        if int(self.branches) != self.branches or self.branches < 1:
-            raise InputError(f"branches must be a positive integer, got {self.branches}.")
-        self.branches = int(self.branches)
+        self.branches = positive_int("branches", self.branches)
         if not 0.0 <= float(self.prune) < 1.0:
             raise InputError(f"prune is the fraction of MLP parameters to remove and must be in [0, 1); got {self.prune}.")
         self.prune = float(self.prune)

@@ -49,11 +49,6 @@ class MoEficationConfig(EqualExpertsConfig):
     def plan(self, weights: GatedWeights, x: torch.Tensor, layer: int, state=None) -> LayerResult:
         return plan_moefication(weights, x, self, layer)
 
-    @classmethod
-    def for_fraction(cls, fraction: float, **opts) -> "MoEficationConfig":
-        """E = 32 experts, top-(f x E) (f must be a multiple of 1/E), trained MLP router."""
-        return cls(fraction=fraction, **opts)
-
     def describe(self) -> str:
         return f"E={self.experts}, top-{self.active}, {self.router} router"
 

@@ -16,26 +16,21 @@ import torch
 
 from ..core.dense import GatedWeights, check_finite_output, hidden_activations
 from ..core.layout import check_layout_fits, parse_layout
-from ..core.method import LayerResult, MethodConfig, option
+from ..core.method import LayerResult, option, positive_int
 from ..core.plan import LayerPlan
 from ..errors import InputError
-from .common import activation_rates
+from .common import LayoutConfig, activation_rates
 
 
 @dataclasses.dataclass
-class PruneConfig(MethodConfig):
+class PruneConfig(LayoutConfig):
     """Keep `fraction` of each MLP's neurons (or the active fraction of a layout such as S1A3E8)."""
 
     method = "prune"
     needs_calibration = True
 
-    fraction: float | None = option(None, 'fraction of MLP neurons to keep (instead of --layout)')
-    layout: str | None = option(None, 'keep the active fraction of this SxAyEz layout')
-    shared: int | None = None
-    active: int | None = None
-    experts: int | None = None
-    k_act: int = option(10, 'K_a, neurons marked per token for the activation rate')
-    score: str = option("rate", 'rate | contribution')
+    fraction: float | None = option(None, "fraction of MLP neurons to keep (instead of --layout)")
+    score: str = option("rate", "rate | contribution: what ranks the neurons")
 
     def __post_init__(self) -> None:
         if self.fraction is None:
@@ -46,8 +41,7 @@ class PruneConfig(MethodConfig):
             raise InputError(f"prune fraction (share of MLP neurons kept) must be in (0, 1]; got {self.fraction}.")
         if self.score not in ("rate", "contribution"):
             raise InputError(f"score must be 'rate' or 'contribution'; got {self.score!r}.")
-        if int(self.k_act) != self.k_act or self.k_act < 1:
-            raise InputError(f"k_act must be a positive integer, got {self.k_act}.")
+        positive_int("k_act", self.k_act)
 
     def check(self, intermediate_sizes: list[int]) -> None:
         if self.layout:
@@ -59,11 +53,6 @@ class PruneConfig(MethodConfig):
     @property
     def drops_neurons(self) -> bool:
         return True
-
-    @classmethod
-    def for_fraction(cls, fraction: float, **opts) -> "PruneConfig":
-        """Keep round(f x d_h) neurons with the highest activation rate (any f)."""
-        return cls(fraction=fraction, **opts)
 
     def describe(self) -> str:
         return f"keep {self.fraction:g} of neurons (by {self.score})"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ...core.method import MethodConfig, option
+from ...core.method import MethodConfig, option, positive_int
 from ...errors import InputError
 
 
@@ -15,8 +15,7 @@ def resolve_active(experts: int, active: int | None, fraction: float | None, met
 
     min_active: the fewest active experts the method can build (why: the reason, for the error message).
     """
-    if int(experts) != experts or experts < 1:
-        raise InputError(f"{method}: experts must be a positive integer, got {experts}.")
+    positive_int(f"{method}: experts", experts)
     if active is not None and fraction is not None:
         if abs(float(fraction) * experts - active) > 1e-6:  # both are stored in a saved config, so consistent pairs are fine
             raise InputError(f"{method}: active={active} and fraction={fraction} disagree ({active}/{experts} = {active / experts:g}); "
@@ -73,16 +72,24 @@ class EqualExpertsConfig(MethodConfig):
         self.fraction = self.active / self.experts
         if self.router not in self.routers:
             raise InputError(f"{self.method} router must be one of {', '.join(self.routers)}; got {self.router!r}.")
-        if int(self.max_iters) != self.max_iters or self.max_iters < 1:
-            raise InputError(f"max_iters must be >= 1, got {self.max_iters}.")
-        for name in ("router_steps", "router_batch"):
-            v = getattr(self, name)
-            if int(v) != v or v < 1:
-                raise InputError(f"{name} must be a positive integer, got {v}.")
+        for name in ("max_iters", "router_steps", "router_batch"):
+            positive_int(name, getattr(self, name))
         if not self.router_lr > 0:
             raise InputError(f"router_lr must be positive, got {self.router_lr}.")
-        if self.router_hidden is not None and (int(self.router_hidden) != self.router_hidden or self.router_hidden < 1):
-            raise InputError(f"router_hidden must be a positive integer, got {self.router_hidden}.")
+        if self.router_hidden is not None:
+            positive_int("router_hidden", self.router_hidden)
 
     def check(self, intermediate_sizes: list[int]) -> None:
         check_experts_fit(self.experts, intermediate_sizes, self.method)
+
+
+@dataclasses.dataclass
+class LayoutConfig(MethodConfig):
+    """Settings of the methods sized by an SxAyEz layout (CMoE; static pruning at a layout's active fraction)
+    and K_a, the neurons marked per token when activation rates are profiled."""
+
+    layout: str | None = option(None, "SxAyEz layout, e.g. S3A3E8 (3 shared + 3 of 5 routed experts active, 8 in all)")
+    shared: int | None = option(None, "shared experts (instead of --layout)")
+    active: int | None = option(None, "routed experts active per token (instead of --layout)")
+    experts: int | None = option(None, "experts in total (instead of --layout)")
+    k_act: int = option(10, "K_a, neurons marked per token")
