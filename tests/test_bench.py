@@ -1,4 +1,9 @@
-"""`moeify bench` and moeify.eval.bench: structure, interleaving, physical limits (no timed asserts)."""
+"""`moeify bench` and moeify.bench: structure, interleaving, physical limits (no timed asserts).
+
+Where a result depends on timings, the runs execute but their tokens/s are scripted
+(`_scripted`), so medians, speedups and limits are checked against values computed here,
+and limits against weights counted here from the models' tensors.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 import moeify
-from moeify.cli.app import app
-from moeify.bench import bench
+from moeify import bench
+from moeify.bench import timing
 from moeify.blocks.moe import MoEMLP
+from moeify.cli.app import app
 
 from .conftest import tiny_model
 
@@ -43,20 +49,76 @@ def _smollm2_shaped(layout_shared: int | None = None):
     return model
 
 
+def _unread_experts(module) -> float:
+    """Routed-expert weights of the MoE blocks in `module` that one token does not read ((1 - top_k / N) of them)."""
+    return sum((1 - m.top_k / m.num_experts) * (m.gate_up.numel() + m.down.numel())
+               for m in module.modules() if isinstance(m, MoEMLP) and not m.all_active())
+
+
+def _decode_params(model) -> float:
+    """Weights read per decoded token, counted from the model's tensors: every parameter once (tied ones are
+    one Parameter), an untied input embedding not at all (one row per token), routed experts at top_k / N."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return float(sum(p.numel() for p in model.parameters() if p is head or p is not emb)) - _unread_experts(model)
+
+
+def _mlp_fraction(conv, dense) -> float:
+    """MLP weights read per token, converted over dense, counted from the layers' MLP tensors."""
+    def read(model):
+        return sum(sum(p.numel() for p in layer.mlp.parameters()) - _unread_experts(layer.mlp) for layer in model.model.layers)
+
+    return read(conv) / read(dense)
+
+
+def _scripted(monkeypatch, models: dict[str, object], rates: dict[str, list[float]]) -> list[tuple[str, dict]]:
+    """Run every workload for real, but report the next of `rates[name]` as its tokens/s.
+
+    name: "model", "baseline", or "no_mlp" for the baseline while its MLPs are skipped.
+    Returns the (name, result) of every run, in order.
+    """
+    real = timing.run_workload
+    left = {k: list(v) for k, v in rates.items()}
+    seen: list[tuple[str, dict]] = []
+
+    def spy(model, workload, inputs, new_tokens):
+        name = next(n for n, m in models.items() if m is model)
+        if name == "baseline" and any(m.forward is timing.skipped_mlp_forward for m in bench.mlp_modules(model)):
+            name = "no_mlp"
+        res = dict(real(model, workload, inputs, new_tokens), tokens_per_s=left[name].pop(0))
+        seen.append((name, res))
+        return res
+
+    monkeypatch.setattr(timing, "run_workload", spy)
+    return seen
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def test_decode_limit_matches_protocol_counts_for_smollm2():
-    dense = bench.token_cost(_smollm2_shaped())
+    dense_model, moe_model = _smollm2_shaped(), _smollm2_shaped(layout_shared=1)
+    dense = bench.token_cost(dense_model)
     # protocol.md: attention 26.5M, MLP 79.6M, tied embedding/LM head 28.3M (+ 61 RMSNorm vectors)
     attention = 30 * (576 * 576 * 2 + 2 * 576 * 192)
     mlp = 30 * 3 * 576 * 1536
     assert dense.read_params == attention + mlp + 49152 * 576 + 61 * 576
     assert dense.mlp_active_params == mlp
-    moe = bench.token_cost(_smollm2_shaped(layout_shared=1))
+    moe = bench.token_cost(moe_model)
     router = 30 * (2 * 56 * 576 + 7 * 56)
     small = 30 * (7 + 7 * 576)  # expert scales and the dropped-expert biases
     assert moe.read_params == pytest.approx(attention + 49152 * 576 + 61 * 576 + 0.25 * mlp + router + small)
+    # the bytes limit from the models' own tensors: 4 bytes per weight in fp32, 2 in bf16
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        assert dense.decode_bytes(dtype) == size * _decode_params(dense_model)
+        assert moe.decode_bytes(dtype) == pytest.approx(size * _decode_params(moe_model))
     limit = dense.decode_bytes(torch.float32) / moe.decode_bytes(torch.float32)
-    assert 134.4 / (54.8 + 79.6 * 0.25) == pytest.approx(1.80, abs=0.01)
-    assert limit == pytest.approx(134.4 / (54.8 + 79.6 * 0.25 + (router + small) / 1e6), rel=5e-3)
+    assert limit == pytest.approx(_decode_params(dense_model) / _decode_params(moe_model))
+    # protocol.md's 1.80x counts no router and no biases; with them the limit is lower
+    assert limit < (attention + mlp + 49152 * 576) / (attention + 0.25 * mlp + 49152 * 576) == pytest.approx(1.80, abs=0.01)
 
 
 def test_prefill_flops_count_attention_and_one_lm_head_row():
@@ -71,57 +133,58 @@ def test_prefill_flops_count_attention_and_one_lm_head_row():
 def test_compare_models_interleaves_and_reports_limits(monkeypatch):
     dense = tiny_model("llama")
     conv = moeify.convert(copy.deepcopy(dense), moeify.CMoEConfig(layout="S1A1E4"), calibration=_cal(), progress=False)
-    calls = []
-    real_run = bench._run
-
-    def spy(model, workload, inputs, new_tokens):
-        calls.append(("model" if model is conv else "baseline", workload))
-        return real_run(model, workload, inputs, new_tokens)
-
-    monkeypatch.setattr(bench, "_run", spy)
+    base_rates, model_rates = [1.0, 10.0, 12.0, 11.0], [1.0, 15.0, 20.0, 13.0]  # the first of each: the warmup run
+    seen = _scripted(monkeypatch, {"model": conv, "baseline": dense}, {"baseline": base_rates, "model": model_rates})
     r = bench.compare_models(conv, dense, None, workloads=["decode"], repeats=3, warmup=1, new_tokens=4, prompt_tokens=16, text="random",
-                               attainable=False)
-    dec = [c[0] for c in calls if c[1] == "decode"]
-    assert dec == ["baseline", "model", "baseline", "model", "model", "baseline", "baseline", "model"]
+                             attainable=False)
+    assert [n for n, _ in seen] == ["baseline", "model", "baseline", "model", "model", "baseline", "baseline", "model"]
     d = r["workloads"]["decode"]
-    assert len(d["baseline"]["runs"]) == 3 and len(d["model"]["runs"]) == 3
-    assert d["speedup"] == pytest.approx(d["model"]["median"] / d["baseline"]["median"])
-    assert d["limit"] > 1.2 and d["of_limit"] == pytest.approx(d["speedup"] / d["limit"])
-    assert 0 <= d["greedy_tokens_identical_prefix"] <= 4
+    assert d["baseline"]["runs"] == base_rates[1:] and d["model"]["runs"] == model_rates[1:]
+    assert d["baseline"]["median"] == 11.0 and d["model"]["median"] == 15.0
+    assert d["speedup"] == pytest.approx(15.0 / 11.0)
+    assert d["speedup_pairs"]["runs"] == pytest.approx([15 / 10, 20 / 12, 13 / 11])
+    limit = _decode_params(dense) / _decode_params(conv)
+    assert d["limit"] == pytest.approx(limit) and d["of_limit"] == pytest.approx(15.0 / 11.0 / limit)
+    # the greedy tokens of the last timed run of each model, compared here
+    last = {n: res["tokens"] for n, res in seen}
+    assert d["greedy_tokens_identical_prefix"] == _common_prefix(last["baseline"], last["model"])
     assert r["settings"]["threads"] == torch.get_num_threads() and r["kernels"] == {"auto": 2}
 
 
-def test_attainable_limit_is_amdahl_over_measured_non_mlp_time():
+@pytest.mark.parametrize("t_dense,t_no_mlp,f", [(0.100, 0.040, 0.25), (0.100, 0.040, 1.0), (0.100, 0.0, 0.25), (0.030, 0.021, 0.4)])
+def test_attainable_limit_is_amdahl_over_measured_non_mlp_time(t_dense, t_no_mlp, f):
+    assert bench.attainable_limit(t_dense, t_no_mlp, f) == pytest.approx(t_dense / (t_no_mlp + f * (t_dense - t_no_mlp)))
     # 100 ms dense, 40 ms outside the MLPs, MLPs read a quarter: 100 / (40 + 15)
     assert bench.attainable_limit(0.100, 0.040, 0.25) == pytest.approx(100 / 55)
-    assert bench.attainable_limit(0.100, 0.040, 1.0) == pytest.approx(1.0)
-    assert bench.attainable_limit(0.100, 0.0, 0.25) == pytest.approx(4.0)
 
 
 def test_decode_attainable_limit_times_the_baseline_without_its_mlps(monkeypatch):
     dense = tiny_model("llama")
     conv = moeify.convert(copy.deepcopy(dense), moeify.CMoEConfig(layout="S1A1E4"), calibration=_cal(), progress=False)
-    mlps = bench._mlp_modules(dense)
-    seen = []
-    real_run = bench._run
+    mlps = bench.mlp_modules(dense)
+    states = []
+    real = timing.run_workload
 
-    def spy(model, workload, inputs, new_tokens):
-        skipped = [m.forward is bench._zeros_like_input for m in mlps] if model is dense else None
-        seen.append(("model" if model is conv else "baseline", skipped))
-        return real_run(model, workload, inputs, new_tokens)
+    def record(model, workload, inputs, new_tokens):
+        states.append([m.forward is timing.skipped_mlp_forward for m in mlps] if model is dense else None)
+        return real(model, workload, inputs, new_tokens)
 
-    monkeypatch.setattr(bench, "_run", spy)
+    monkeypatch.setattr(timing, "run_workload", record)
+    # scripted: dense 10 tok/s (100 ms/token), 25 tok/s (40 ms) without its MLPs, converted 12.5 tok/s
+    seen = _scripted(monkeypatch, {"model": conv, "baseline": dense}, {"baseline": [10.0] * 2, "no_mlp": [25.0] * 2, "model": [12.5] * 2})
     r = bench.compare_models(conv, dense, None, workloads=["decode"], repeats=2, warmup=0, new_tokens=4, prompt_tokens=16, text="random")
     # per repetition: baseline, model, baseline without MLPs (then reversed); MLPs skipped only in that third run
-    assert [(n, None if s is None else all(s)) for n, s in seen] == [
-        ("baseline", False), ("model", None), ("baseline", True), ("baseline", True), ("model", None), ("baseline", False)]
-    assert all(not any(s) for n, s in seen if n == "baseline" and not all(s))
+    assert [n for n, _ in seen] == ["baseline", "model", "no_mlp", "no_mlp", "model", "baseline"]
+    assert [None if s is None else "all" if all(s) else "some" if any(s) else "none" for s in states] == [
+        "none", None, "all", "all", None, "none"]
     assert all("forward" not in m.__dict__ for m in mlps)  # restored
     a = r["workloads"]["decode"]["attainable"]
-    f = bench.token_cost(conv).mlp_active_params / bench.token_cost(dense).mlp_active_params
-    assert a["mlp_fraction"] == pytest.approx(f) and 0.25 < f < 1
-    assert a["limit"] == pytest.approx(bench.attainable_limit(a["dense_ms_per_token"], a["no_mlp_ms_per_token"], f))
-    assert a["of_limit"] == pytest.approx(r["workloads"]["decode"]["speedup"] / a["limit"])
+    f = _mlp_fraction(conv, dense)
+    assert 0.25 < f < 1 and a["mlp_fraction"] == pytest.approx(f)
+    assert a["dense_ms_per_token"] == pytest.approx(100.0) and a["no_mlp_ms_per_token"] == pytest.approx(40.0)
+    expected = 0.100 / (0.040 + f * (0.100 - 0.040))
+    assert a["limit"] == pytest.approx(expected)
+    assert r["workloads"]["decode"]["speedup"] == pytest.approx(1.25) and a["of_limit"] == pytest.approx(1.25 / expected)
     assert set(r["workloads"]["decode"]) >= {"baseline", "model", "limit"} and "no_mlp" not in r["workloads"]["decode"]
 
 
@@ -130,9 +193,9 @@ def test_skip_mlps_outputs_zero_mlp_contribution():
     ids = torch.randint(0, dense.config.vocab_size, (1, 8))
     with torch.no_grad():
         ref = dense(ids).logits
-        with bench._SkipMLPs(dense):
+        with bench.SkipMLPs(dense):
             skipped = dense(ids).logits
-            for m in bench._mlp_modules(dense):
+            for m in bench.mlp_modules(dense):
                 assert torch.equal(m(torch.ones(1, 2, dense.config.hidden_size)), torch.zeros(1, 2, dense.config.hidden_size))
         again = dense(ids).logits
     assert not torch.allclose(ref, skipped) and torch.equal(ref, again)
@@ -147,24 +210,37 @@ def test_compare_models_refuses_mismatched_dtypes():
         bench.compare_models(conv, dense, None, workloads=["decode-fast"], repeats=1, text="random")
 
 
+def _router_params(hidden: int, intermediate: int, layout: str) -> int:
+    return sum(p.numel() for p in bench.build_layer(hidden, intermediate, layout)[1].router.parameters())
+
+
 def test_layer_benchmark_limits_and_skewed_routing():
     r = bench.compare_layer(32, 96, "S1A1E8", [1, 4096], repeats=1, min_seconds=0.001)
     H, I, m = 32, 96, 12
     router = 2 * 56 * H + 7 * 56
+    assert r["shape"]["router_params"] == router == _router_params(H, I, "S1A1E8")
     row1, row2 = r["rows"]
     assert row1["limit"] == pytest.approx(3 * H * I / (3 * H * (m + m) + router))
-    assert row1["experts_touched"] == 1 and row1["bytes_limit"] == pytest.approx(row1["limit"])
-    assert row2["experts_touched"] == 7 and row2["bytes_limit"] < 1.0
+    # one token reads the shared expert and one routed expert: bytes limit == FLOP limit
+    assert row1["experts_touched"] == 1 and row1["bytes_limit"] == pytest.approx(3 * H * I / (3 * H * (m + m) + router))
+    # 4096 tokens touch all 7 routed experts: more bytes than the dense MLP (the router on top)
+    assert row2["experts_touched"] == 7 and row2["bytes_limit"] == pytest.approx(3 * H * I / (3 * H * (m + 7 * m) + router))
+    assert row2["limit"] == pytest.approx(row1["limit"])  # FLOPs per token do not depend on the token count
     # top-1 of 7 experts drawn with p_j ~ exp(-0.43 j): the busiest expert's load / mean load
     p = np.exp(-0.43 * np.arange(7))
     assert row2["expert_load_sorted"][0] == pytest.approx(7 * p[0] / p.sum(), rel=0.1)
     assert row2["expert_load_sorted"][-1] == pytest.approx(7 * p[-1] / p.sum(), rel=0.35)
     assert r["shape"]["expert_sizes"] == [12] * 7 and r["shape"]["shared_neurons"] == 12
+    for row in r["rows"]:
+        assert row["speedup"] == pytest.approx(row["dense_ms"]["median"] / row["moe_ms"]["median"])
+        assert row["of_limit"] == pytest.approx(row["speedup"] / row["limit"])
 
 
 def test_layer_all_shared_and_all_active_layouts():
     r = bench.compare_layer(16, 64, "S2A6E8", [3], repeats=1, min_seconds=0.001)
-    assert r["rows"][0]["limit"] == pytest.approx(3 * 16 * 64 / (3 * 16 * 64 + r["shape"]["router_params"]))
+    router = _router_params(16, 64, "S2A6E8")
+    assert router == 2 * 48 * 16 + 6 * 48  # 8 representative neurons per expert: their W_gate|W_up rows, the combine matrix
+    assert r["rows"][0]["limit"] == pytest.approx(3 * 16 * 64 / (3 * 16 * 64 + router))
     assert r["routing"] is None and r["rows"][0]["experts_touched"] is None
 
 
@@ -176,7 +252,7 @@ def test_cli_layer_bench_writes_json_with_settings(tmp_path):
     data = json.loads(js.read_text())
     assert [row["tokens"] for row in data["rows"]] == [1, 8]
     assert data["shape"]["layout"] == "S1A3E8" and data["settings"]["dtype"] == "float32"
-    assert data["environment"]["torch"] == torch.__version__ and "device_name" in data["environment"]
+    assert data["environment"]["torch"] == torch.__version__ and data["environment"]["device_name"] == bench.device_name("cpu")
     again = runner.invoke(app, ["bench", "--layer", "--hidden", "32", "--intermediate", "96", "--json", str(js)])
     assert again.exit_code == 2 and "--overwrite" in again.output
 
@@ -207,9 +283,21 @@ def test_cli_model_bench_on_a_tiny_checkpoint(tiny_dir, tmp_path):
     data = json.loads(js.read_text())
     assert data["baseline"] == str(tiny_dir) and data["settings"]["threads"] == 1
     assert set(data["workloads"]) == {"decode", "prefill-8x512"}
+    # the limits of the models as loaded here: FLOPs per sequence (attention dominates a hidden-64 model) and bytes per token
+    m, _ = moeify.load_model(str(tmp_path / "moe"), dtype="float32")
+    b, _ = moeify.load_model(str(tiny_dir), dtype="float32", with_tokenizer=False)
     p = data["workloads"]["prefill-8x512"]
-    assert p["limit"] > 1.0 and p["limit_kind"].startswith("matmul FLOPs")  # attention dominates a hidden-64 model
-    assert data["memory"]["weights_mb"]["model"] > 0 and "peak" not in data["memory"]
-    assert "greedy decode: converted == dense for the first" in res.output
+    assert p["limit"] == pytest.approx(bench.token_cost(b).prefill_flops(8, 512) / bench.token_cost(m).prefill_flops(8, 512)) and p["limit"] > 1.0
+    assert data["workloads"]["decode"]["limit"] == pytest.approx(_decode_params(b) / _decode_params(m))
+    mb = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]) / 2**20
+    assert data["memory"]["weights_mb"]["model"] == pytest.approx(mb) and "peak" not in data["memory"]
+    # the greedy tokens of both models on the benchmark's prompt (seeded random ids), compared here
+    prompt = bench.bench_inputs(None, m.config.vocab_size, text="random")["prompt"]
+    with torch.no_grad():
+        toks = [mod.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             pad_token_id=0)[0, prompt.shape[1]:].tolist() for mod in (b, m)]
+    same = _common_prefix(*toks)
+    assert data["workloads"]["decode"]["greedy_tokens_identical_prefix"] == same
+    assert f"greedy decode: converted == dense for the first {same} of 4 new tokens" in res.output
     peak = bench.peak_memory_child(str(tmp_path / "moe"), "float32", ["decode"], 4, text="random")
     assert peak["peak_rss_mb"] >= peak["loaded_rss_mb"] > peak["rss_before_load_mb"] > 0 and peak["peak_mb_over_before_load"] > 0

@@ -86,11 +86,11 @@ def test_generation_in_bfloat16_runs_the_fast_path():
     conv = moeify.convert(copy.deepcopy(dense), moeify.CMoEConfig(layout="S1A1E4"), calibration=_cal(), progress=False).to(torch.bfloat16)
     calls = []
     block = next(m for m in conv.modules() if isinstance(m, MoEMLP))
-    from moeify.kernels import cpu
+    from moeify.kernels import torch_backend
 
     def spy(b, x):
         calls.append((x.shape[0], x.dtype))
-        return cpu.moe_forward(b, x)
+        return torch_backend.moe_forward(b, x)
 
     block.kernel = spy
     toks = _greedy(conv, _prompt(dense.config.vocab_size), 8)

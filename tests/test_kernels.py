@@ -3,28 +3,37 @@
 The torch backend (CPU decode/prefill paths) and the Triton kernels (run by the
 Triton interpreter on the CPU: conftest.py sets TRITON_INTERPRET=1) must compute the block's
 definition for every router kind, gate kind, compensation, unequal expert sizes,
-static scales and selection biases.
+static scales and selection biases. Only the Triton tests need Triton (an optional
+dependency); the others run without it.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-
 import moeify
 from moeify import kernels
-from moeify.errors import InputError
-from moeify.kernels import cpu
-from moeify.core.dense import GatedWeights
 from moeify.blocks.moe import MoEMLP
+from moeify.core.dense import GatedWeights
 from moeify.core.plan import LayerPlan
+from moeify.errors import InputError
+from moeify.kernels import common, torch_backend
 
 from .conftest import tiny_model
+from .integer_blocks import assert_sums_need_float32, integer_block, integer_inputs
+
+requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                     reason="Triton is in the dev extra: pip install -e '.[dev]'")
 
 H = 40
 
@@ -123,16 +132,38 @@ CASES = [
 @pytest.mark.parametrize("T", [1, 2, 8, 37])
 def test_torch_backend_equals_reference(case, T):
     block = _block(**case)
-    ref = _check(block, cpu.moe_forward, T)
+    ref = _check(block, torch_backend.moe_forward, T)
     assert ref.abs().max() > 0.1  # a real output, not zeros on both sides
 
 
 @pytest.mark.parametrize("case", [dict(router="analytical", compensate=True, top_k=1), dict(router="linear", gate="cmoe", scales=True, top_k=3),
                                   dict(router="analytical", compensate=True, top_k=3), dict(router="static", scales=True, top_k=2)])
 @pytest.mark.parametrize("T", [1, 6, 23])
-def test_torch_backend_accumulates_half_precision_in_float32(case, T):
+def test_torch_backend_equals_reference_in_bfloat16(case, T):
     block = _block(**case)
-    _check(block, cpu.moe_forward, T, dtype=torch.bfloat16, atol=2e-2)
+    _check(block, torch_backend.moe_forward, T, dtype=torch.bfloat16, atol=2e-2)
+
+
+# Blocks whose expert outputs are exact small integers (tests/integer_blocks.py): float32 sums of
+# them are exact, bfloat16 sums are not. Weighted gates only: with unit gates, a few tokens take the
+# masked path, which sums the routed experts inside one matmul whose output is bfloat16.
+INTEGER_BLOCKS = {
+    "all-active-cmoe-gate": dict(),
+    "top40-scales": dict(top_k=40, gate="unit", scales=True),
+    "top40-cmoe-gate": dict(top_k=40, gate="cmoe"),
+}
+
+
+@pytest.mark.parametrize("name", INTEGER_BLOCKS)
+@pytest.mark.parametrize("T", [1, 5, 37])  # decode (one token), the grouped path for a few and for many tokens
+def test_torch_backend_accumulates_half_precision_in_float32(name, T):
+    _, block = integer_block(**INTEGER_BLOCKS[name])
+    x = integer_inputs(T)
+    exact = assert_sums_need_float32(block, x)  # a bfloat16 accumulator misses this sum by several units
+    with torch.no_grad():
+        out = torch_backend.moe_forward(block, x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out.double(), exact), (out.double() - exact).abs().max()
 
 
 # blocks that route (a static router or unit gates with every expert active run all experts, no selection)
@@ -148,22 +179,22 @@ def test_few_token_paths_both_equal_reference(case, path):
     x = _x(5)
     with torch.no_grad():
         ref = block.forward_reference(x)
-        p = cpu.prepared(block, x)
-        idx, w = cpu.route(block, x, p)
-        out = cpu._new_accumulator(block, x, p, p.bias_total if p.bias is not None else None)
-        getattr(cpu, "_" + path)(block, x, p, out, idx, w)
+        p = common.prepared(block, x)
+        idx, w = common.route(block, x, p)
+        out = common.new_accumulator(block, x, p, p.bias_total if p.bias is not None else None)
+        getattr(torch_backend, "_" + path)(block, x, p, out, idx, w)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
 def test_masked_path_is_chosen_only_when_the_tokens_cover_the_experts(monkeypatch):
     block = _block(top_k=2)  # 5 experts
     used = []
-    monkeypatch.setattr(cpu, "_masked", lambda *a: used.append("masked") or cpu._grouped(*a))
+    monkeypatch.setattr(torch_backend, "_masked", lambda *a: used.append("masked") or torch_backend._grouped(*a))
     with torch.no_grad():
         for T in (2, 3, 16, 17):
             used.clear()
-            cpu.moe_forward(block, _x(T))
-            assert (used == ["masked"]) == (3 <= T <= cpu.MASKED_MAX_TOKENS), T
+            torch_backend.moe_forward(block, _x(T))
+            assert (used == ["masked"]) == (3 <= T <= torch_backend.MASKED_MAX_TOKENS), T
 
 
 def test_one_token_path_merges_neighbouring_experts_exactly():
@@ -174,14 +205,14 @@ def test_one_token_path_merges_neighbouring_experts_exactly():
             x = _x(1, seed=100 + t)
             ids = sorted(block.route(x)[1][0].tolist())
             runs += any(b == a + 1 for a, b in zip(ids, ids[1:]))
-            torch.testing.assert_close(cpu.moe_forward(block, x), block.forward_reference(x), atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(torch_backend.moe_forward(block, x), block.forward_reference(x), atol=2e-5, rtol=1e-5)
     assert runs >= 5  # neighbouring selections really happened
-    assert any(n > 1 for _, n in cpu.prepared(block, _x(1)).runs)
+    assert any(n > 1 for _, n in common.prepared(block, _x(1)).runs)
 
 
 def test_one_token_path_runs_on_views_of_the_packed_weights():
     block = _block()
-    p = cpu.prepared(block, _x(1))
+    p = common.prepared(block, _x(1))
     assert p.router is not None  # CMoE's analytical router is inlined (tested equal above), not called as a module
     gu_store = block.gate_up.untyped_storage().data_ptr()
     down_store = block.down.untyped_storage().data_ptr()
@@ -195,10 +226,10 @@ def test_prepared_state_follows_parameter_updates():
     block = _block(router="linear", compensate=True, top_k=1)
     x = _x(1)
     with torch.no_grad():
-        before = cpu.moe_forward(block, x).clone()
+        before = torch_backend.moe_forward(block, x).clone()
         block.expert_scale.mul_(2.0)  # in place: the cached scales must not be reused
         block.dropped_bias.add_(1.0)
-        after = cpu.moe_forward(block, x)
+        after = torch_backend.moe_forward(block, x)
         torch.testing.assert_close(after, block.forward_reference(x), atol=2e-5, rtol=1e-5)
     assert (after - before).abs().max() > 0.5
 
@@ -207,7 +238,7 @@ def test_functional_activations_match_transformers_modules():
     from transformers.activations import ACT2FN
 
     x = torch.randn(1000) * 4
-    for name, fn in cpu._FUNCTIONAL.items():
+    for name, fn in common.FUNCTIONAL_ACTIVATIONS.items():
         torch.testing.assert_close(fn(x), ACT2FN[name](x), atol=0, rtol=0)
 
 
@@ -215,7 +246,7 @@ def test_model_forward_uses_the_fast_path_and_matches_reference(probe_ids):
     dense = tiny_model("llama")
     conv = _cmoe(dense, "S1A2E6")
     calls = []
-    original = cpu.moe_forward
+    original = torch_backend.moe_forward
 
     def spy(block, x):
         calls.append(x.shape[0])
@@ -273,9 +304,55 @@ def test_hierarchical_sub_blocks_use_the_fast_path():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
-# --------------------------------------------------------------------------- Triton (interpreted on CPU)
+def test_moeify_runs_without_triton_and_imports_it_only_for_the_triton_backend():
+    """Triton is optional: with it absent (None in sys.modules: every import of it fails, as when it is not
+    installed) moeify imports and runs the torch backend; with it present moeify's own Triton module loads
+    only when the Triton backend is first used."""
+    code = """if True:
+        import sys
+        absent = sys.argv[1] == "absent"
+        if absent:
+            sys.modules["triton"] = None
+        import torch, moeify
+        from moeify import kernels
+        from moeify.blocks.moe import MoEMLP
+        assert "moeify.kernels.triton_moe" not in sys.modules
+        lc = {"shared": 2, "experts": [3, 3, 3], "top_k": 1, "router": {"type": "linear"}}
+        block = MoEMLP(8, lc, "silu").eval()
+        with torch.no_grad():
+            out = kernels.get("torch")(block, torch.randn(2, 8))
+        assert out.shape == (2, 8) and "moeify.kernels.triton_moe" not in sys.modules
+        assert kernels.triton_available() is not absent
+        if absent:
+            try:
+                kernels.get("triton")
+            except moeify.InputError as e:
+                assert "needs Triton" in str(e)
+            else:
+                raise AssertionError("the triton backend was handed out without Triton")
+        print("ok")
+    """
+    for triton_state in ("absent", "present") if importlib.util.find_spec("triton") else ("absent",):
+        r = subprocess.run([sys.executable, "-c", code, triton_state], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (triton_state, r.stderr[-3000:])
 
-triton = pytest.importorskip("triton", reason="Triton is in the dev extra: pip install -e '.[dev]'")
+
+def test_kernels_import_nothing_from_the_layers_above():
+    """moeify.kernels sits below the blocks it runs: it imports only torch, moeify.errors and moeify.core."""
+    pkg = Path(kernels.__file__).parent
+    files = sorted(pkg.glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "common.py", "torch_backend.py", "triton_moe.py"}
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                assert (node.module or "").split(".")[0] in ("errors", "core"), f"{f.name}: from {'.' * node.level}{node.module}"
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("moeify"):
+                assert (node.module.split(".") + [""])[1] in ("errors", "core", "kernels"), f"{f.name}: from {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("moeify.") and a.name.split(".")[1] not in ("errors", "core", "kernels") for a in node.names), f.name
+
+
+# --------------------------------------------------------------------------- Triton (interpreted on CPU)
 
 
 def _triton_forward():
@@ -294,12 +371,14 @@ TRITON_CASES = [
 ]
 
 
+@requires_triton
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("T", [1, 40])
 def test_triton_kernels_equal_reference(case, T):
     _check(_block(**case), _triton_forward(), T, atol=5e-5)
 
 
+@requires_triton
 def test_triton_tile_schedule_covers_every_row_once_within_one_expert():
     from moeify.kernels.triton_moe import tile_schedule
 
@@ -317,6 +396,7 @@ def test_triton_tile_schedule_covers_every_row_once_within_one_expert():
         assert (covered == 1).all()
 
 
+@requires_triton
 def test_triton_backend_in_a_converted_model(probe_ids):
     conv = _cmoe(tiny_model("llama"), "S1A2E6")
     ids = probe_ids[:, :5]
@@ -328,10 +408,65 @@ def test_triton_backend_in_a_converted_model(probe_ids):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_triton_bfloat16_accumulates_in_float32():
-    _check(_block(sizes=(20, 25, 18), shared=6, top_k=2, router="linear", compensate=True), _triton_forward(), 9, dtype=torch.bfloat16, atol=3e-2)
+@requires_triton
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records the UPCAST each launch gets, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.upcast: list[bool] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.upcast.append(kwargs["UPCAST"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
+def _spy_kernels(monkeypatch) -> list[_LaunchSpy]:
+    from moeify.kernels import triton_moe
+
+    spies = [_LaunchSpy(triton_moe._gate_up_kernel), _LaunchSpy(triton_moe._down_kernel)]
+    monkeypatch.setattr(triton_moe, "_gate_up_kernel", spies[0])
+    monkeypatch.setattr(triton_moe, "_down_kernel", spies[1])
+    return spies
+
+
+def _expected_upcast(dtype: torch.dtype) -> bool:
+    # Under TRITON_INTERPRET=1 bfloat16 cannot run as compiled: Triton's interpreter (3.9) keeps bf16
+    # tensors as their uint16 bit patterns and its tl.dot is np.matmul on those integers (garbage of
+    # order 1e10), so triton_moe widens bf16 operands to float32 there, which gives the same products.
+    # float16 is a numpy type: it runs the half-precision kernels exactly as compiled for a GPU
+    # (UPCAST=False), so the float16 cases below are the half-precision kernel path under test.
+    # On a GPU neither dtype is widened.
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_half_precision_equals_reference(dtype, monkeypatch):
+    spies = _spy_kernels(monkeypatch)
+    _check(_block(sizes=(20, 25, 18), shared=6, top_k=2, router="linear", compensate=True), _triton_forward(), 9, dtype=dtype, atol=3e-2)
+    assert all(s.upcast == [_expected_upcast(dtype)] for s in spies)  # one launch each, with the real kernel for fp16
+
+
+@requires_triton
+@pytest.mark.parametrize("name", ["all-active-cmoe-gate", "top40-scales"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_half_precision_accumulates_in_float32(name, dtype, monkeypatch):
+    spies = _spy_kernels(monkeypatch)
+    _, block = integer_block(**INTEGER_BLOCKS[name], dtype=dtype)
+    x = integer_inputs(9, dtype=dtype)
+    exact = assert_sums_need_float32(block, x)  # a bfloat16 accumulator misses this sum by several units
+    with torch.no_grad():
+        out = _triton_forward()(block, x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out.double(), exact), (out.double() - exact).abs().max()
+    assert all(s.upcast == [_expected_upcast(dtype)] for s in spies)
+
+
+@requires_triton
 def test_triton_refuses_an_activation_it_has_no_fused_form_for():
     block = _block(router="linear", act="silu")
     block.act = "quick_gelu"
@@ -339,6 +474,7 @@ def test_triton_refuses_an_activation_it_has_no_fused_form_for():
         _triton_forward()(block, _x(2))
 
 
+@requires_triton
 def test_triton_kernels_compile_for_an_h100():
     """The compiled kernels, not the interpreter's reading of them: PTX for sm_90 without a GPU (Triton bundles ptxas)."""
     import subprocess

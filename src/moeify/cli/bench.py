@@ -90,7 +90,7 @@ def bench(
 
 
 def _device_name(device: str) -> str:
-    from ..bench.bench import device_name
+    from ..bench import device_name
 
     return device_name(device)
 
@@ -107,7 +107,7 @@ def _triton_version() -> str | None:
 
 def _bench_layer(model, hidden, intermediate, layout, tokens, dtype, device, repeats, kernel, router_neurons, cuda_graphs) -> dict[str, Any]:
     from ..errors import InputError
-    from ..bench.bench import compare_layer
+    from ..bench import compare_layer
     from ..models.checkpoint import parse_dtype
     from ..core.layout import parse_layout
 
@@ -126,7 +126,7 @@ def _bench_model(model, baseline, dtype, workloads, repeats, warmup, new_tokens,
 
     from .. import kernels
     from ..errors import InputError
-    from ..bench.bench import check_workloads, compare_models, peak_memory_child, weight_bytes
+    from ..bench import check_workloads, compare_models, peak_memory_child, weight_bytes
     from ..models.checkpoint import load_config, load_model, parse_dtype, resolve_model_path
 
     if model is None:

@@ -15,9 +15,11 @@ Backends (the `kernel` of a MoEMLP; `None` picks one per call):
 While autograd records (training, fine-tuning the gates) the reference path runs:
 the fast paths use in-place updates that autograd cannot differentiate through.
 
-This package imports only torch and moeify.core (it sits below the blocks it runs);
-Triton is imported when the Triton backend is
-first used.
+Modules: `common` (per-block prepared state, routing, accumulator: what both fast
+backends share), `torch_backend`, `triton_moe`. This package imports only torch,
+moeify.errors and moeify.core (it sits below the blocks it runs, which it reads through
+their attributes and `Router.fused_form()`); Triton is imported when the Triton backend
+is first used.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _reference(block, x: torch.Tensor) -> torch.Tensor:
 
 
 def _torch(block, x: torch.Tensor) -> torch.Tensor:
-    from .cpu import moe_forward
+    from .torch_backend import moe_forward
 
     return moe_forward(block, x)
 

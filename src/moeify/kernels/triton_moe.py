@@ -14,7 +14,9 @@ Per block call, after routing (torch, small):
    cuBLAS) and the compensation of unselected experts.
 
 Expert e's weights are the contiguous rows of the packed `gate_up` / `down`
-(moeify.moe), read in place. Correctness is tested on the CPU with
+(moeify.blocks.moe), read in place. The block's prepared state, routing, the float32
+accumulator (shared expert + compensation) and the every-expert-active case are shared
+with the torch backend (moeify.kernels.common). Correctness is tested on the CPU with
 TRITON_INTERPRET=1 (tests/test_kernels.py).
 """
 
@@ -28,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
-from .cpu import _all_experts, _new_accumulator, prepared, route
+from .common import all_experts, new_accumulator, prepared, route
 
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2, "relu": 3}
 
@@ -202,9 +204,11 @@ def grouped_experts(block, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tenso
     precision = None
     if x.dtype == torch.float32:
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    # Triton's interpreter (3.9) gets half-precision dots wrong; there the operands are widened
-    # first, which computes the same products (a bf16 x bf16 product is exact in float32).
-    upcast = x.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1"
+    # Triton's interpreter (3.9) gets bfloat16 dots wrong: it holds bf16 tensors as their uint16
+    # bit patterns and its tl.dot is np.matmul on those integers. There the bf16 operands are
+    # widened first, which computes the same products (a bf16 x bf16 product is exact in float32).
+    # float16 is a numpy type: the interpreter runs the half-precision kernels as compiled for a GPU.
+    upcast = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     bn = 64
     _gate_up_kernel[(start.numel(), triton.cdiv(max_m, bn))](
         xs, w, h, tile_e, start, end, offsets, sizes, H, xs.stride(0), w.stride(0), h.stride(0),
@@ -239,13 +243,13 @@ def moe_forward(block, x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.new_zeros(0, block.hidden_size, dtype=p.acc)
     if not block.num_experts or block.runs_all_experts():
-        out = _new_accumulator(block, x, p)
+        out = new_accumulator(block, x, p)
         if block.num_experts:
-            _all_experts(block, x, p, out)  # every expert on every token: one dense matmul pair (cuBLAS)
+            all_experts(block, x, p, out)  # every expert on every token: one dense matmul pair (cuBLAS)
         return out
     if p.acc != torch.float32:  # float64 blocks: the kernels accumulate in float32
         raise InputError("the triton backend runs float32, bfloat16 and float16 blocks; use the torch backend for float64.")
-    out = _new_accumulator(block, x, p, p.bias_total if p.bias is not None else None)
+    out = new_accumulator(block, x, p, p.bias_total if p.bias is not None else None)
     idx, gate = route(block, x, p)
     grouped_experts(block, x, idx, gate, out)
     if p.bias is not None:
@@ -269,14 +273,14 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", tiles: tuple[int, ...] 
     ptr = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[dtype]
     precision = "ieee" if dtype == "fp32" else None
     ints = ["tile_expert_ptr", "tile_start_ptr", "tile_end_ptr", "offset_ptr", "size_ptr"]
-    common = {**{n: "*i32" for n in ints}}
+    int_ptrs = {n: "*i32" for n in ints}
     out = {}
     for bm in tiles:
-        sig = {"x_ptr": ptr, "w_ptr": ptr, "h_ptr": ptr, **common, "K": "i32", "stride_x": "i32", "stride_w": "i32", "stride_h": "i32"}
+        sig = {"x_ptr": ptr, "w_ptr": ptr, "h_ptr": ptr, **int_ptrs, "K": "i32", "stride_x": "i32", "stride_w": "i32", "stride_h": "i32"}
         consts = {"ACT": 0, "PRECISION": precision, "UPCAST": False, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64}
         sig.update({k: "constexpr" for k in consts})
         out[f"gate_up_bm{bm}"] = triton.compile(ASTSource(fn=_gate_up_kernel, signature=sig, constexprs=consts), target=target).asm["ptx"]
-        sig = {"h_ptr": ptr, "d_ptr": ptr, "y_ptr": "*fp32", "gate_ptr": "*fp32", "dest_ptr": "*i32", **common, "N": "i32", "stride_h": "i32",
+        sig = {"h_ptr": ptr, "d_ptr": ptr, "y_ptr": "*fp32", "gate_ptr": "*fp32", "dest_ptr": "*i32", **int_ptrs, "N": "i32", "stride_h": "i32",
                "stride_d": "i32", "stride_y": "i32"}
         consts = {"HAS_GATE": True, "ACCUMULATE": bm == 16, "PRECISION": precision, "UPCAST": False, "BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 64}
         sig.update({k: "constexpr" for k in consts})

@@ -1,17 +1,18 @@
-"""The torch backend: only the selected experts run, straight from views of the packed weights.
+"""What the torch and Triton backends share: a block's prepared state, routing, the float accumulator.
 
-Written for the CPU, where a host sync is free and, at batch 1, the time of a decode
-step is the bytes of weights read plus the Python/dispatch cost of every small op.
-So: the selected expert ids are read on the host, each selected expert is two
-matmuls on contiguous slices of the packed weights (no weight copy, no gather of
-weights), and everything that does not depend on the input (per-expert weight
-views, compensation sums, whether gates are all 1) is prepared once per block
-and reused until a parameter changes. It runs on any device; on CUDA the Triton
-backend avoids the host sync.
+Everything about a block that does not depend on the input (per-expert weight views,
+the inlined router, compensation sums, whether gates are all 1) is prepared once per
+block, device and dtype (`prepared`) and reused until a parameter changes. On top of
+it, both backends route the same way (`route`), start from the same accumulator (the
+shared expert's output plus any compensation, `new_accumulator`) and run a block whose
+every expert is active as one dense matmul pair (`all_experts`); they differ only in
+how the selected experts run (moeify.kernels.torch_backend, moeify.kernels.triton_moe).
 
-Numerics follow MoEMLP.forward_reference: bf16/fp16 inputs are accumulated in
-float32, router scores are float32; results agree with the reference to float
-rounding (the summation order of the scatter differs).
+Numerics follow MoEMLP.forward_reference: bf16/fp16 inputs are accumulated in float32
+(core.dense.accumulation_dtype), router scores are float32.
+
+Like the rest of moeify.kernels this reads blocks only through their attributes and
+`Router.fused_form()`; it imports nothing from moeify.blocks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..core.dense import accumulation_dtype
 
 # Functional forms of transformers' activation modules: calling an nn.Module costs
 # more dispatch than the op itself at batch 1 (checked equal in tests/test_kernels.py).
-_FUNCTIONAL = {
+FUNCTIONAL_ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
     "relu": F.relu,
@@ -36,7 +37,7 @@ _FUNCTIONAL = {
 
 
 def activation_fn(block):
-    return _FUNCTIONAL.get(block.act, block.act_fn)
+    return FUNCTIONAL_ACTIVATIONS.get(block.act, block.act_fn)
 
 
 # Router spec keys the inlined computation below covers (a router with other settings is called as a module).
@@ -129,6 +130,7 @@ _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def prepared(block, x: torch.Tensor) -> Prepared:
+    """The block's Prepared state for x's device and dtype, rebuilt after any in-place parameter update."""
     key = _state_key(block, x)
     cache = _PREPARED.get(block)
     if cache is None:
@@ -140,7 +142,7 @@ def prepared(block, x: torch.Tensor) -> Prepared:
     return p
 
 
-def _new_accumulator(block, x: torch.Tensor, p: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
+def new_accumulator(block, x: torch.Tensor, p: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The shared expert's output (+ bias [H]) as the float accumulator (zeros without a shared expert)."""
     T = x.shape[0]
     if not block.shared_size:
@@ -151,12 +153,12 @@ def _new_accumulator(block, x: torch.Tensor, p: Prepared, bias: torch.Tensor | N
     h = p.act(gu[:, :s]).mul_(gu[:, s:])
     if bias is not None and h.dtype == p.acc:
         return torch.addmm(bias, h, p.shared_down)  # the bias rides along in the GEMM's output pass
-    out = _down(h, p.shared_down)
+    out = matmul_down(h, p.shared_down)
     out = out if out.dtype == p.acc else out.to(p.acc)
     return out if bias is None else out.add_(bias)
 
 
-def _down(h: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def matmul_down(h: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """h @ down for down stored [m, H] (the packed layout).
 
     CPU half precision (no native bf16 on AVX2 machines: emulated GEMMs, fp32 accumulation):
@@ -171,15 +173,15 @@ def _down(h: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None) 
     return torch.mm(h, down, out=out) if out is not None else torch.mm(h, down)
 
 
-def _add(out: torch.Tensor, h: torch.Tensor, down: torch.Tensor, alpha: float = 1.0) -> None:
+def add_matmul_down(out: torch.Tensor, h: torch.Tensor, down: torch.Tensor, alpha: float = 1.0) -> None:
     """out += alpha * h @ down, in out's (float) precision."""
     if h.dtype == out.dtype:
         out.addmm_(h, down, alpha=alpha)
     else:
-        out.add_(_down(h, down), alpha=alpha)
+        out.add_(matmul_down(h, down), alpha=alpha)
 
 
-def _all_experts(block, x: torch.Tensor, p: Prepared, out: torch.Tensor) -> None:
+def all_experts(block, x: torch.Tensor, p: Prepared, out: torch.Tensor) -> None:
     """Every routed expert with its static scale: one matmul pair over all packed rows."""
     T = x.shape[0]
     gu = torch.mm(x, p.gate_up_t)
@@ -193,7 +195,7 @@ def _all_experts(block, x: torch.Tensor, p: Prepared, out: torch.Tensor) -> None
         h = p.act(gu[:, p.gate_cols]).mul_(gu[:, p.up_cols])
         if p.neuron_scale is not None:
             h.mul_(p.neuron_scale)
-    _add(out, h, p.down)
+    add_matmul_down(out, h, p.down)
 
 
 def router_scores(block, x: torch.Tensor, p: Prepared) -> torch.Tensor:
@@ -225,130 +227,3 @@ def route(block, x: torch.Tensor, p: Prepared) -> tuple[torch.Tensor, torch.Tens
     return idx, None if p.unit_scale else block.expert_scale.float()[idx]
 
 
-def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, ids: list[int], w: torch.Tensor | None) -> None:
-    """Decode: the selected experts' weight slices, nothing else (the compensation is already in `out`).
-
-    With unit gates and equal expert sizes, selected experts that are neighbours in the
-    packing (e, e+1, ...) are one contiguous block of rows, run as one matmul pair.
-    """
-    if w is None and p.equal:
-        ids.sort()
-        m = p.experts[0][2]
-        i = 0
-        while i < len(ids):
-            j = i + 1
-            while j < len(ids) and ids[j] == ids[j - 1] + 1:
-                j += 1
-            if j - i == 1:
-                gu_t, down, _ = p.experts[ids[i]]
-                gu = torch.mm(x, gu_t)
-                h = p.act(gu[:, :m]).mul_(gu[:, m:])
-            else:
-                gu_t, down = p.run(block, ids[i], j - i)
-                g = torch.mm(x, gu_t).view(1, j - i, 2, m)
-                h = p.act(g[:, :, 0]).mul_(g[:, :, 1]).view(1, -1)
-            _add(out, h, down)
-            i = j
-    else:
-        if w is None:
-            weights = [1.0] * len(ids)
-        elif p.static_gates:
-            weights = [p.scales[e] for e in ids]
-        else:
-            weights = w[0].tolist()
-        for e, g in zip(ids, weights):
-            gu_t, down_e, m = p.experts[e]
-            gu = torch.mm(x, gu_t)
-            h = p.act(gu[:, :m]).mul_(gu[:, m:])
-            _add(out, h, down_e, g)
-
-
-# A few tokens (batched decode, speculative verification, short prompts): up to this many
-# tokens, when the tokens' selections are expected to cover every expert (T * k >= N),
-# the masked path below runs instead of grouping
-MASKED_MAX_TOKENS = 16
-
-
-def _use_masked(block, x: torch.Tensor, p: Prepared, w: torch.Tensor | None) -> bool:
-    T = x.shape[0]
-    # bf16/fp16 with non-unit gate weights keep the grouped path, which weights in float32
-    return 1 < T <= MASKED_MAX_TOKENS and T * block.top_k >= block.num_experts and (w is None or x.dtype == p.acc)
-
-
-def _masked(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None) -> None:
-    """A few tokens: all routed experts as one packed matmul pair, each token's unselected experts zeroed.
-
-    When a handful of tokens together select (nearly) every expert, the layer reads (nearly)
-    all routed weights either way and is bound by those bytes; one matmul pair then costs far
-    less than a sort, a matmul pair per expert and a scatter. Same result as the grouped path:
-    the activations of unselected experts are multiplied by 0, selected ones by their gate weight.
-    """
-    T, N = x.shape[0], block.num_experts
-    sel = torch.zeros(T, N, dtype=x.dtype, device=x.device).scatter_(1, idx, 1.0)
-    gate = sel if w is None else torch.zeros(T, N, dtype=x.dtype, device=x.device).scatter_(1, idx, w.to(x.dtype))
-    gu = torch.mm(x, p.gate_up_t)
-    if p.equal:
-        g = gu.view(T, N, 2, p.experts[0][2])
-        h = p.act(g[:, :, 0]).mul_(g[:, :, 1]).mul_(gate[:, :, None]).view(T, block.routed_size)
-    else:
-        h = p.act(gu[:, p.gate_cols]).mul_(gu[:, p.up_cols]).mul_(gate[:, p.neuron_expert])
-    _add(out, h, p.down)
-    if p.bias is not None:  # `out` holds every expert's compensation; the selected experts' come off
-        out.sub_(torch.mm(sel.to(p.acc), p.bias))
-
-
-def _grouped(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None) -> None:
-    """Prefill: tokens sorted by expert, one matmul pair per expert with tokens, one scatter."""
-    T, k = idx.shape
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=block.num_experts).tolist()  # the one host sync
-    token = order // k if k > 1 else order
-    xs = x.index_select(0, token)
-    ys = torch.empty(T * k, block.hidden_size, dtype=x.dtype, device=x.device)
-    pos = 0
-    for e, c in enumerate(counts):
-        if not c:
-            continue
-        gu_t, down_e, m = p.experts[e]
-        gu = torch.mm(xs[pos : pos + c], gu_t)
-        h = p.act(gu[:, :m]).mul_(gu[:, m:])
-        _down(h, down_e, out=ys[pos : pos + c])
-        pos += c
-    ys = ys.to(p.acc)
-    if w is not None:
-        ys.mul_(w.reshape(-1)[order].to(p.acc)[:, None])
-    if p.bias is not None:
-        # compensation = sum of all dropped-expert biases (already in `out`) minus the selected
-        # ones', taken off each expert's rows while they are hot instead of a [T, k, H] gather
-        pos = 0
-        for e, c in enumerate(counts):
-            if c:
-                ys[pos : pos + c].sub_(p.bias_rows[e])
-                pos += c
-    out.index_add_(0, token, ys)
-
-
-def moe_forward(block, x: torch.Tensor) -> torch.Tensor:
-    """MoEMLP on x [T, H] -> [T, H] in the accumulation dtype (float32 for half inputs).
-
-    In-place updates: only for inference (moeify.kernels.select sends autograd to the reference).
-    """
-    p = prepared(block, x)
-    T = x.shape[0]
-    if T == 0:
-        return x.new_zeros(0, block.hidden_size, dtype=p.acc)
-    if not block.num_experts or block.runs_all_experts():
-        out = _new_accumulator(block, x, p)
-        if block.num_experts:
-            _all_experts(block, x, p, out)
-        return out
-    idx, w = route(block, x, p)
-    if T == 1:
-        ids = idx.tolist()[0]  # the one host sync (free on a CPU)
-        out = _new_accumulator(block, x, p, p.bias_for(ids) if p.bias is not None else None)
-        _one_token(block, x, p, out, ids, w)
-    else:
-        out = _new_accumulator(block, x, p, p.bias_total if p.bias is not None else None)
-        (_masked if _use_masked(block, x, p, w) else _grouped)(block, x, p, out, idx, w)
-    return out
