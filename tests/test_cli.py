@@ -92,3 +92,17 @@ def test_convert_cmoe_with_too_little_text_fails_before_loading_the_model(tiny_d
                             "-o", str(tmp_path / "o"), "--no-eval"])
     assert r.exit_code == 2 and "need at least 65" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_zero_shot_task_beyond_the_dev_suite_offline_with_the_recorded_baseline(tiny_dir, tmp_path):
+    out = tmp_path / "conv"
+    r = runner.invoke(app, ["convert", str(tiny_dir), "--branches", "3", "-o", str(out), "--no-eval"])
+    assert r.exit_code == 0, r.output
+    js = tmp_path / "zs.json"
+    r = runner.invoke(app, ["eval", str(out), "--tasks", "copa", "--limit", "4", "--batch-size", "2", "--task-data", "local", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(js.read_text())
+    e = data["tasks"]["copa"]
+    assert data["baseline"] == str(tiny_dir) and e["n"] == 4 and e["split"] == "validation"
+    acc = e["metrics"]["acc"]
+    assert acc["model"] == acc["dense"]  # an exact conversion scores what the dense model scores

@@ -105,3 +105,21 @@ def test_compare_cli_runs_and_refuses_existing_json(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "--overwrite" in r.output
     r = runner.invoke(app, args + ["--overwrite"])
     assert r.exit_code == 0 and "reused" in r.output
+
+
+def test_compare_checks_every_input_before_loading_or_writing(tiny_dir, tmp_path, monkeypatch):
+    import moeify.models.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model was loaded")))
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    out = tmp_path / "cmp"
+    cal = moeify.Calibration(source=str(short), samples=2, seq_len=32)
+    with pytest.raises(InputError, match=r"^perplexity source .*short.txt: .*fewer than one window"):
+        compare(str(tiny_dir), ["prune"], [0.5], out_dir=out, ppl_source=str(short), progress=False)
+    with pytest.raises(InputError, match=r"^calibration source .*short.txt: .*need at least 33"):
+        compare(str(tiny_dir), ["cmoe"], [0.5], out_dir=out, calibration=cal, ppl_source=str(short), progress=False)
+    with pytest.raises(InputError, match=r"^calibration source .*missing.txt: .*no such file"):
+        compare(str(tiny_dir), ["cmoe"], [0.5], out_dir=out, calibration=moeify.Calibration(source=str(tmp_path / "missing.txt")),
+                progress=False)
+    assert not out.exists()

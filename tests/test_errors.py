@@ -131,3 +131,33 @@ def test_plan_validation_catches_lost_and_duplicate_neurons():
     ok = LayerPlan(shared=[0], experts=[[1, 2], [3]], top_k=2)
     ok.validate(4)  # a valid plan passes
     assert ok.num_neurons == 4 and ok.expert_sizes == [2, 1]
+
+
+def test_check_model_source_before_any_weight_is_read(tmp_path, monkeypatch):
+    import moeify.data.texts as texts
+    from moeify.models.checkpoint import check_model_source
+
+    monkeypatch.setattr(texts, "_HUB_STATUS", {"https://huggingface.co": "unreachable (test)"})
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(InputError, match=r"^MODEL .*missing: no such model folder"):
+        check_model_source(str(tmp_path / "missing"))
+    with pytest.raises(InputError, match=r"^--baseline .*file.txt: .* is a file"):
+        check_model_source(str(tmp_path / "file.txt"), what="--baseline")
+    with pytest.raises(InputError, match=r"GGUF file .* does not exist"):
+        check_model_source(str(tmp_path / "m.gguf"))
+    with pytest.raises(InputError, match=r"^MODEL org/model: 'org/model' is not a local folder, and the Hugging Face hub is not reachable"):
+        check_model_source("org/model")
+
+
+def test_check_model_source_returns_the_config(tiny_dir):
+    from moeify.models.checkpoint import check_model_source, load_tokenizer, recorded_base_model
+
+    path, cfg = check_model_source(str(tiny_dir))
+    assert path == str(tiny_dir) and cfg.intermediate_size == 96 and recorded_base_model(cfg) is None
+    assert len(load_tokenizer(path)) == 128
+    with pytest.raises(InputError, match="could not load its tokenizer"):
+        (tiny_dir / "tokenizer.json").unlink()
+        (tiny_dir / "tokenizer_config.json").unlink()
+        load_tokenizer(str(tiny_dir))

@@ -227,3 +227,72 @@ def test_calibration_and_perplexity_windows(fake_austen, tiny_tokenizer):
     assert full.shape == (held_ids.numel() // 8, 8) and full.shape[0] > 16
     assert torch.equal(full[:16], quick)
     assert torch.equal(full.flatten(), held_ids[: full.numel()])
+
+
+# --------------------------------------------------------------------------- checks before a model is loaded
+
+
+@pytest.fixture
+def hub_down(monkeypatch, tmp_path):
+    monkeypatch.setattr(texts, "_HUB_STATUS", {"https://huggingface.co": "unreachable (test)"})
+    for var in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hugging Face cache
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+
+
+def test_check_text_source_names_the_input_for_every_problem(tmp_path, tiny_tokenizer):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "bin.txt").write_bytes(b"abc\x00def")
+    (tmp_path / "short.txt").write_text("a few words")
+    cases = [(tmp_path / "nope.txt", "no such file"), (tmp_path / "empty.txt", "is empty"), (tmp_path / "bin.txt", "binary")]
+    for path, why in cases:
+        with pytest.raises(InputError, match=rf"^--calib {path}: .*{why}"):
+            texts.check_text_source(str(path), what="--calib")
+    assert texts.check_text_source(str(tmp_path / "short.txt")) is None  # readable text: fine without a tokenizer
+    n = texts.check_text_source(str(tmp_path / "short.txt"), tokenizer=tiny_tokenizer)
+    assert n == texts.load_token_ids(tiny_tokenizer, str(tmp_path / "short.txt")).numel()
+    with pytest.raises(InputError, match=rf"^--ppl {tmp_path / 'short.txt'}: .*has {n} tokens, fewer than the 2048 needed"):
+        texts.check_text_source(str(tmp_path / "short.txt"), "heldout", tokenizer=tiny_tokenizer, min_tokens=2048, what="--ppl")
+
+
+def test_unreadable_file_is_an_input_error(tmp_path, monkeypatch):
+    f = tmp_path / "locked.txt"
+    f.write_text("text")
+    real = type(f).read_bytes
+
+    def denied(self):
+        if self == f:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(type(f), "read_bytes", denied)
+    with pytest.raises(InputError, match="cannot read .*Permission denied"):
+        texts.load_text(str(f))
+
+
+def test_chat_jsonl_is_checked_without_a_tokenizer(tmp_path):
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert texts.check_text_source(f"{f}:messages") is None  # the rendering waits for the tokenizer
+    with pytest.raises(InputError, match="chat template"):
+        texts.load_text(f"{f}:messages")
+
+
+def test_hub_sources_fail_in_seconds_when_the_hub_is_unreachable(hub_down):
+    import time
+
+    t0 = time.perf_counter()
+    for source in ("wikitext2", "c4", "hf:some/data:train:text"):
+        with pytest.raises(InputError, match=rf"--calib {source}: .*needs the Hugging Face hub, which is not reachable \(unreachable \(test\)\)"):
+            texts.check_text_source(source, what="--calib")
+    with pytest.raises(InputError, match="not reachable"):
+        texts.load_text("wikitext2")  # the library path too: no minute of retries
+    assert time.perf_counter() - t0 < 5  # no minute of retries
+
+
+def test_hub_status_respects_offline_mode(monkeypatch):
+    monkeypatch.setattr(texts, "_HUB_STATUS", {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert texts.hub_status() == "HF_HUB_OFFLINE is set"

@@ -129,10 +129,11 @@ def compare(
     """
     from .pipeline.convert import config_intermediate_sizes, convert
     from .data.calibration import Calibration
+    from .data.texts import check_text_source, perplexity_windows
     from .eval.perplexity import perplexity
-    from .models.checkpoint import load_config, load_model, resolve_model_path
-    from .data.texts import perplexity_windows
+    from .models.checkpoint import check_model_source, load_model, load_tokenizer, parse_dtype
 
+    # every input is checked before the model is loaded and before anything is written
     names = parse_methods(methods)
     fractions = parse_fractions(active)
     method_opts = dict(method_opts or {})
@@ -141,25 +142,40 @@ def compare(
         raise InputError(f"method options given for {sorted(unknown)}, which are not among the compared methods {names}.")
     if eval_windows is not None and eval_windows < 1:
         raise InputError(f"eval_windows must be >= 1, got {eval_windows}.")
+    parse_dtype(dtype)
     calibration = calibration if calibration is not None else Calibration()
     # every configuration is built (and checked against the model's shapes) before any weight is loaded
     # fraction-major order: an interrupted run leaves every method compared at the first fractions
     configs = {(n, f): method_config(n, f, method_opts.get(n)) for f in fractions for n in names}
-    path = resolve_model_path(model)
-    sizes = config_intermediate_sizes(load_config(path))
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {out} is a file; choose a folder for the comparison.")
+    needs_calibration = any(cfg.needs_calibration for cfg in configs.values())
+    if needs_calibration and not calibration.pretokenized:
+        check_text_source(calibration.source, "calibration", what="calibration source")
+    check_text_source(ppl_source, "heldout", what="perplexity source")
+    path, model_cfg = check_model_source(model, what="model")
+    sizes = config_intermediate_sizes(model_cfg)
     for cfg in configs.values():
         cfg.check(sizes)
-    out = Path(out_dir)
-    runs = out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-
-    dense, tok = load_model(path, dtype=dtype)
-    dense.eval()
-    calibration.validate(tok)
-    cal_ids, held_ids = calibration.windows(tok)
-    windows = perplexity_windows(tok, source=ppl_source, quick=quick, seq_len=eval_seq_len)
+    tok = load_tokenizer(path)
+    if needs_calibration:
+        try:
+            calibration.validate(tok)
+        except InputError as e:
+            raise InputError(f"calibration source {calibration.source}: {e}") from None
+    try:
+        windows = perplexity_windows(tok, source=ppl_source, quick=quick, seq_len=eval_seq_len)
+    except InputError as e:
+        raise InputError(f"perplexity source {ppl_source}: {e}") from None
     if eval_windows is not None:
         windows = windows[:eval_windows]
+    cal_ids, held_ids = calibration.windows(tok) if needs_calibration or calibration.pretokenized else (None, None)
+
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    dense, _ = load_model(path, dtype=dtype, with_tokenizer=False)
+    dense.eval()
     protocol = (f"austen-v1 {'quick' if quick else 'full'}" if ppl_source == "austen" and eval_seq_len == 2048
                 else f"{ppl_source} ({eval_seq_len}-token windows)")
     if eval_windows is not None:
@@ -190,10 +206,14 @@ def compare(
             try:
                 row = _run_one(dense, tok, name, f, cfg, calibration, windows, dense_res["ppl"], progress, perplexity, convert)
             except Exception as e:  # noqa: BLE001
-                # an hour-long comparison goes on with the other runs; the failure (with its traceback in the log) is
+                # an hour-long comparison goes on with the other runs; the failure (its traceback in the row) is
                 # reported in the results, not cached, so a re-run retries exactly the failed runs
-                log.exception("%s at %g failed: %s: %s", name, f, type(e).__name__, e)
-                rows.append({"method": name, "active_target": f, "setting": cfg.describe(), "error": f"{type(e).__name__}: {e}"})
+                import traceback
+
+                msg = " ".join(f"{type(e).__name__}: {e}".split())
+                log.error("%s at %g failed: %s", name, f, msg)
+                rows.append({"method": name, "active_target": f, "setting": cfg.describe(), "error": msg,
+                             "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__))})
                 if on_result is not None:
                     on_result(rows[-1])
                 continue
@@ -217,6 +237,7 @@ def compare(
         "active": fractions,
         "fraction_map": {n: {f"{f:g}": configs[(n, f)].describe() for f in fractions} for n in names},
         "runs": rows,
+        "failed": [f"{r['method']}@{r['active_target']:g}" for r in rows if "error" in r],
     }
     write_reports(result, out)
     return result

@@ -9,6 +9,7 @@ from .app import app, err
 
 
 def main() -> None:
+    """Entry point: the app reports every error as one line (app.MoeifyGroup) and exits 0, 1 or 2."""
     try:
         app()
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .app import _environment, _fail, _write_json, app, console
+from .app import _environment, _write_json, app, check_output_dir, check_output_file, check_positive, console
 
 
 def _ints(text: Optional[str], what: str) -> list[int] | None:
@@ -21,13 +21,6 @@ def _ints(text: Optional[str], what: str) -> list[int] | None:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise InputError(f"{what} must be comma-separated integers, e.g. 0,15,29; got {text!r}.") from None
-
-
-def _refuse_existing(path: Optional[Path], overwrite: bool) -> None:
-    from ..errors import InputError
-
-    if path is not None and path.exists() and not overwrite:
-        raise InputError(f"output {path} already exists; choose another path or pass --overwrite to replace it.")
 
 
 @app.command()
@@ -53,34 +46,89 @@ def analyze(
     """Per-layer analysis of a converted checkpoint: activation rates, expert load, router fidelity,
     partition stability, the real-vs-Gaussian 'secret MoE' test and low-rank routers."""
     from ..analysis import AnalysisSettings, analyze as run
-    from ..errors import InputError, MoeifyError
     from ..core.files import prepare_output
 
-    try:
-        if not (Path(checkpoint) / "config.json").is_file() or "moeify" not in json.loads((Path(checkpoint) / "config.json").read_text()):
-            raise InputError(f"{checkpoint} is not a moeify checkpoint (no config.json with a 'moeify' block); convert a model with `moeify convert` first.")
-        if out is not None:
-            prepare_output(out, overwrite)
-        if json_out is None and out is not None:
-            json_out = out / "analysis.json"
-        else:
-            _refuse_existing(json_out, overwrite)
-        settings = AnalysisSettings(heldout=heldout, heldout_tokens=heldout_tokens, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len,
-                                    seed=seed, layers=_ints(layers, "--layers"), ranks=tuple(_ints(ranks, "--ranks") or ()),
-                                    gaussian=gaussian, stability=stability, distill=distill, distill_layer=distill_layer,
-                                    distill_steps=distill_steps)
-        result = run(checkpoint, settings)
-        result["environment"] = _environment()
-        if out is not None:
-            from ..analysis.plots import analysis_figures
+    # every input is checked before the checkpoint's weights are loaded and before anything is written
+    for value, what, least in ((heldout_tokens, "--heldout-tokens", 1), (calib_tokens, "--calib-tokens", 1), (seq_len, "--seq-len", 16),
+                               (distill_steps, "--distill-steps", 1)):
+        check_positive(value, what, minimum=least)
+    settings = AnalysisSettings(heldout=heldout, heldout_tokens=heldout_tokens, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len,
+                                seed=seed, layers=_ints(layers, "--layers"), ranks=tuple(_ints(ranks, "--ranks") or ()),
+                                gaussian=gaussian, stability=stability, distill=distill, distill_layer=distill_layer,
+                                distill_steps=distill_steps)
+    if out is not None:
+        check_output_dir(out, "--out", overwrite=overwrite)
+    if json_out is None and out is not None:
+        json_out = out / "analysis.json"
+    else:
+        check_output_file(json_out, "--json", overwrite=overwrite)
+    path, calib_source = _check_checkpoint(checkpoint, settings)
+    _check_texts(path, settings, calib_source)
+    if out is not None:
+        prepare_output(out, overwrite)
+    result = run(checkpoint, settings)
+    result["environment"] = _environment()
+    if out is not None:
+        from ..analysis.plots import analysis_figures
 
-            result["figures"] = analysis_figures(result, out)
-    except MoeifyError as e:
-        _fail(e)
+        result["figures"] = analysis_figures(result, out)
     _print_analysis(result)
     _write_json(json_out, result)
     if out is not None:
         console.print(f"figures in [bold]{out}[/bold]: {', '.join(result['figures'])}")
+
+
+def _check_checkpoint(checkpoint: str, settings) -> tuple[str, str]:
+    """(path, calibration source) of a moeify checkpoint, from its config alone; --layers checked against its converted layers."""
+    from ..errors import InputError
+    from ..models.checkpoint import check_model_source
+
+    cfg_file = Path(checkpoint) / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise InputError(f"CHECKPOINT {checkpoint}: cannot read {cfg_file} ({e}).") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("moeify"), dict):
+        raise InputError(f"CHECKPOINT {checkpoint} is not a moeify checkpoint (no config.json with a 'moeify' block); convert a model with `moeify convert` first.")
+    path, cfg = check_model_source(checkpoint, what="CHECKPOINT")
+    mo = getattr(cfg, "moeify", None) or raw["moeify"]
+    converted = [i for i, plan in enumerate(mo.get("layers") or []) if plan is not None]
+    for what, wanted in (("--layers", settings.layers or []), ("--distill-layer", [settings.distill_layer] if settings.distill and settings.distill_layer is not None else [])):
+        bad = [i for i in wanted if i not in converted]
+        if converted and bad:
+            raise InputError(f"{what} {','.join(map(str, bad))}: not converted MoE layers of {checkpoint}; choose among {_ranges(converted)}.")
+    recorded = ((mo.get("summary") or {}).get("calibration") or {}).get("source")
+    source = settings.calib or recorded or "austen"
+    return path, ("austen" if source == "<windows>" else source)
+
+
+def _ranges(ids: list[int]) -> str:
+    return f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 2 else ",".join(map(str, ids))
+
+
+def _check_texts(path: str, settings, calib_source: str) -> None:
+    """The held-out and calibration texts exist and are long enough, with the checkpoint's tokenizer (not its weights)."""
+    import math
+
+    from ..data.texts import check_text_source
+    from ..errors import InputError
+    from ..models.checkpoint import load_tokenizer
+
+    needs_calib = settings.stability or bool(settings.ranks) or settings.distill
+    calib_what = "--calib" if settings.calib else "calibration source recorded in the checkpoint (--calib to change it)"
+    check_text_source(settings.heldout, "heldout", what="--heldout")
+    if needs_calib:
+        check_text_source(calib_source, "calibration", what=calib_what)
+    tok = load_tokenizer(path, what="CHECKPOINT")
+    L = min(settings.seq_len, settings.heldout_tokens)
+    check_text_source(settings.heldout, "heldout", tokenizer=tok, min_tokens=L, what="--heldout")
+    if needs_calib:
+        Lc = min(settings.seq_len, settings.calib_tokens)
+        n = math.ceil(settings.calib_tokens / Lc)
+        have = check_text_source(calib_source, "calibration", tokenizer=tok, what=calib_what)
+        if have < 2 * n * Lc:
+            raise InputError(f"{calib_what} {calib_source}: {have} tokens, too few for two disjoint subsets of {n} x {Lc} tokens "
+                             f"(at least {2 * n * Lc}); lower --calib-tokens or give more text.")
 
 
 def _f(v: Any, fmt: str = ".3f") -> str:
@@ -122,17 +170,10 @@ def report(
     overwrite: bool = typer.Option(False, help="Replace an existing page."),
 ) -> None:
     """One self-contained HTML page: conversion settings, perplexity and zero-shot tables, analysis figures."""
-    from ..errors import MoeifyError
     from ..report import build_report, load_inputs
 
-    try:
-        if output.exists() and not overwrite:
-            from ..errors import InputError
-
-            raise InputError(f"output {output} already exists; choose another path or pass --overwrite to replace it.")
-        inputs = load_inputs(checkpoint, list(evals or []), analysis)
-        res = build_report(inputs, output, overwrite=overwrite)
-    except MoeifyError as e:
-        _fail(e)
+    check_output_file(output, "--output", overwrite=overwrite)
+    inputs = load_inputs(checkpoint, list(evals or []), analysis)
+    res = build_report(inputs, output, overwrite=overwrite)
     console.print(f"report written to [bold]{res['html']}[/bold]: {len(res['tables'])} tables ({', '.join(res['tables'])}), "
                   f"{len(res['figures'])} figures beside it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -12,7 +13,7 @@ import typer
 from rich.table import Table
 
 from ..data.assets import model_label, model_provenance
-from .app import _environment, _fail, _write_json, app, console
+from .app import _environment, _write_json, app, check_dtype, check_output_dir, check_output_file, check_positive, console
 
 
 def _ppl_protocol(source: str, quick: bool, windows: int) -> str:
@@ -21,36 +22,94 @@ def _ppl_protocol(source: str, quick: bool, windows: int) -> str:
     return f"{source} ({windows} windows of 2048)"
 
 
-def _compare_ppl(model, baseline, tokenizer, sources: list[str], quick: bool, dtype: str) -> dict[str, Any]:
-    from ..eval.perplexity import compare_perplexity
+def _ppl_windows(tokenizer, sources: list[str], quick: bool, what: str = "--ppl") -> dict[str, Any]:
+    """The perplexity windows of every source, cut before any model is loaded (too little text fails here)."""
     from ..data.texts import perplexity_windows
+    from ..errors import InputError
+
+    out = {}
+    for src in sources:
+        try:
+            out[src] = perplexity_windows(tokenizer, source=src, quick=quick)
+        except InputError as e:
+            raise InputError(f"{what} {src}: {e}") from None
+    return out
+
+
+def _compare_ppl(model, baseline, windows: dict[str, Any], quick: bool, dtype: str) -> dict[str, Any]:
+    from ..eval.perplexity import compare_perplexity
 
     results = {}
-    for src in sources:
-        windows = perplexity_windows(tokenizer, source=src, quick=quick)
-        r = compare_perplexity(model, baseline, windows)
+    for src, w in windows.items():
+        r = compare_perplexity(model, baseline, w)
         r["protocol"] = _ppl_protocol(src, quick, int(r["windows"]))
         r["dtype"] = dtype
         results[src] = r
     return results
 
 
+def _check_home() -> None:
+    """MOEIFY_HOME must be a folder we can write (or create): checked before anything is fetched."""
+    from ..data.assets import moeify_home
+    from ..errors import InputError
+
+    home = moeify_home()
+    if home.exists() and not home.is_dir():
+        raise InputError(f"MOEIFY_HOME={home} is a file; point MOEIFY_HOME at a folder (default ~/.cache/moeify).")
+    probe = home
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"MOEIFY_HOME={home}: cannot write in {probe}; point MOEIFY_HOME at a writable folder.")
+
+
 @app.command()
 def pull(force: bool = typer.Option(False, help="Fetch again even if cached.")) -> None:
     """Fetch and cache the default model (SmolLM2-135M-Instruct), the Austen corpus and the zero-shot task data."""
     from ..data.assets import moeify_home, pull_all
-    from ..errors import MoeifyError
 
-    try:
-        where = pull_all(force=force)
-    except MoeifyError as e:
-        _fail(e)
+    _check_home()
+    where = pull_all(force=force)
+    offline = _index_offline_tasks()
     t = Table(title=f"moeify assets (MOEIFY_HOME={moeify_home()})")
     t.add_column("asset")
     t.add_column("cached at")
     for k, v in where.items():
         t.add_row(k, str(v))
+    if offline is not None:
+        t.add_row("zero-shot tasks offline", f"{offline} lm-eval tasks (`moeify eval --tasks list`)")
     console.print(t)
+
+
+def _index_offline_tasks() -> int | None:
+    """Index lm-eval's tasks once (when lm-eval is installed) so later commands check task names in milliseconds."""
+    from ..errors import InputError
+
+    try:
+        from ..eval.zero_shot import offline_tasks
+
+        return len(offline_tasks())
+    except InputError:  # lm-eval not installed: zero-shot is optional
+        return None
+    except Exception as e:  # noqa: BLE001 - the assets are pulled; the index is rebuilt on first use
+        from .app import err, one_line
+
+        err.print(f"warning: could not index lm-eval's tasks now ({type(e).__name__}: {one_line(e)[:200]}); `moeify eval --tasks` will retry.",
+                  markup=False)
+        return None
+
+
+def _method_and_model(cls, model: Optional[str], extra: list[str], opt: Optional[list[str]]) -> tuple[Optional[str], dict[str, Any]]:
+    """(MODEL, the method's settings) from the command line; options and the optional MODEL come mixed."""
+    from ..errors import InputError
+    from .options import parse_method_args, split_positionals
+
+    positionals, tokens = split_positionals(cls, ([model] if model is not None else []) + list(extra))
+    settings = parse_method_args(cls, tokens, opt)
+    if len(positionals) > 1:
+        raise InputError(f"unexpected argument(s) {' '.join(positionals[1:])}: give one MODEL (or none for the default model); "
+                         f"method options start with -- (`moeify methods {cls.method}`).")
+    return (positionals[0] if positionals else None), settings
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -78,67 +137,76 @@ def convert(
     """Convert a dense model's MLPs into MoE blocks, compare with the dense model, and save."""
     import torch
 
-    from ..models.checkpoint import save
-    from ..pipeline.convert import config_intermediate_sizes, convert as run_convert, count_parameters
     from ..core.method import method_class
-    from .options import parse_method_args
-    from ..errors import MoeifyError
-    from ..models.checkpoint import load_config, load_model, resolve_model_path
-    from ..core.files import prepare_output
+    from ..data.texts import check_text_source
+    from ..errors import InputError
+    from ..models.checkpoint import check_model_source, load_model, load_tokenizer, save
+    from ..pipeline.convert import config_intermediate_sizes, convert as run_convert, count_parameters
 
-    try:
-        prepare_output(output, overwrite)
-        cls = method_class(method)
-        settings = parse_method_args(cls, list(ctx.args), opt)
-        if "seed" in {f.name for f in dataclasses.fields(cls)}:
-            settings.setdefault("seed", seed)  # --seed seeds the method's own randomness too
-        cfg = cls(**settings)
-        calibration = None
-        if cfg.needs_calibration:
-            from ..data.calibration import Calibration
+    # every input is checked before the model is loaded: options, outputs, texts, the model's config, token counts
+    cls = method_class(method)
+    model, settings = _method_and_model(cls, model, list(ctx.args), opt)
+    if "seed" in {f.name for f in dataclasses.fields(cls)}:
+        settings.setdefault("seed", seed)  # --seed seeds the method's own randomness too
+    cfg = cls(**settings)
+    check_dtype(dtype)
+    check_positive(samples, "--samples")
+    check_positive(seq_len, "--seq-len", minimum=16)
+    calibration = None
+    if cfg.needs_calibration:
+        from ..data.calibration import Calibration
 
-            calibration = Calibration(source=calib, samples=samples, seq_len=seq_len, seed=seed, sequential=not dense_feed)
-        torch.manual_seed(seed)
-        path = resolve_model_path(model)
-        mcfg = load_config(path, trust_remote_code=trust_remote_code)
-        cfg.check(config_intermediate_sizes(mcfg))
-        t_load = time.perf_counter()
-        dense, tok = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
-        load_s = time.perf_counter() - t_load
-        if calibration is not None:
+        calibration = Calibration(source=calib, samples=samples, seq_len=seq_len, seed=seed, sequential=not dense_feed)
+    check_output_dir(output, "--output", overwrite=overwrite)
+    check_output_file(json_out, "--json")
+    if calibration is not None:
+        check_text_source(calib, "calibration", what="--calib")
+    if evaluate:
+        check_text_source(ppl, "heldout", what="--ppl")
+    path, mcfg = check_model_source(model, what="MODEL", trust_remote_code=trust_remote_code)
+    cfg.check(config_intermediate_sizes(mcfg))
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if calibration is not None:
+        try:
             calibration.validate(tok)
-        baseline = copy.deepcopy(dense) if evaluate else None
-        dense_params = count_parameters(dense)
-        converted = run_convert(dense, cfg, calibration=calibration, tokenizer=tok)
-        summary = converted.config.moeify["summary"]
-        result: dict[str, Any] = {
-            "method": cfg.method,
-            "config": cfg.to_dict()["_data"],
-            "model": model_label(model),
-            "model_provenance": model_provenance(model),
-            "active_mlp_fraction": summary["active_mlp_fraction"],
-            "mlp_params_removed_fraction": summary["mlp_params_removed_fraction"],
-            "seconds": summary["seconds"],
-            "load_seconds": load_s,
-            "parameters": {"dense": dense_params, "converted": count_parameters(converted)},
-            "summary": summary,
+        except InputError as e:
+            raise InputError(f"--calib {calib}: {e}") from None
+    windows = _ppl_windows(tok, [ppl], quick) if evaluate else {}
+
+    torch.manual_seed(seed)
+    t_load = time.perf_counter()
+    dense, _ = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False)
+    load_s = time.perf_counter() - t_load
+    baseline = copy.deepcopy(dense) if evaluate else None
+    dense_params = count_parameters(dense)
+    converted = run_convert(dense, cfg, calibration=calibration, tokenizer=tok)
+    summary = converted.config.moeify["summary"]
+    result: dict[str, Any] = {
+        "method": cfg.method,
+        "config": cfg.to_dict()["_data"],
+        "model": model_label(model),
+        "model_provenance": model_provenance(model),
+        "active_mlp_fraction": summary["active_mlp_fraction"],
+        "mlp_params_removed_fraction": summary["mlp_params_removed_fraction"],
+        "seconds": summary["seconds"],
+        "load_seconds": load_s,
+        "parameters": {"dense": dense_params, "converted": count_parameters(converted)},
+        "summary": summary,
+    }
+    if "router_fidelity" in summary:
+        result["router_fidelity"] = {
+            "mean": summary["router_fidelity"],
+            "per_layer": [lay.get("router_fidelity", {}).get("overlap") for lay in summary.get("per_layer", [])],
+            "heldout_tokens": summary.get("calibration", {}).get("heldout_tokens"),
         }
-        if "router_fidelity" in summary:
-            result["router_fidelity"] = {
-                "mean": summary["router_fidelity"],
-                "per_layer": [lay.get("router_fidelity", {}).get("overlap") for lay in summary.get("per_layer", [])],
-                "heldout_tokens": summary.get("calibration", {}).get("heldout_tokens"),
-            }
-        if evaluate:
-            ppl_res = _compare_ppl(converted, baseline, tok, [ppl], quick, dtype)
-            converted.config.moeify["metrics"] = {"ppl": ppl_res}
-            result["ppl"] = ppl_res
-            del baseline
-        out = save(converted, output, tokenizer=tok, overwrite=overwrite)
-        result["output"] = str(out)
-        result["environment"] = _environment()
-    except MoeifyError as e:
-        _fail(e)
+    if evaluate:
+        ppl_res = _compare_ppl(converted, baseline, windows, quick, dtype)
+        converted.config.moeify["metrics"] = {"ppl": ppl_res}
+        result["ppl"] = ppl_res
+        del baseline
+    out = save(converted, output, tokenizer=tok, overwrite=overwrite)
+    result["output"] = str(out)
+    result["environment"] = _environment()
     _print_convert(result)
     _write_json(json_out, result)
 
@@ -164,69 +232,90 @@ def _print_convert(r: dict[str, Any]) -> None:
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="Converted directory, hub id, local folder or .gguf."),
+    model: Optional[str] = typer.Argument(None, help="Converted directory, hub id, local folder or .gguf."),
     ppl: Optional[list[str]] = typer.Option(None, "--ppl", help="Perplexity text source(s): austen | wikitext2 | c4 | FILE | ... (repeatable)."),
     quick: bool = typer.Option(True, "--quick/--full", help="austen-v1 quick (16 windows) or full."),
     baseline: Optional[str] = typer.Option(None, help="Dense baseline; default: the base model recorded in a converted checkpoint."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Score the model alone."),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Zero-shot lm-eval tasks, e.g. arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Zero-shot lm-eval tasks, e.g. arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq; "
+                                                               "`--tasks list` shows the tasks available offline."),
     limit: Optional[str] = typer.Option(None, "--limit", help="Zero-shot documents per task: N, or TASK=N,... (others full)."),
     batch_size: str = typer.Option("16", "--batch-size", help="Zero-shot batch size, or 'auto'."),
-    task_data: str = typer.Option("auto", "--task-data", help="auto (offline copy of the dev suite, lm-eval download for others) | local | hub."),
+    task_data: str = typer.Option("auto", "--task-data", help="auto (the offline copy where `moeify pull` caches one, else the hub) | local | hub."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write machine-readable results here."),
 ) -> None:
     """Perplexity and/or zero-shot accuracy of a model, with its dense baseline scored in the same run on
     the same windows / documents."""
-    from ..errors import InputError, MoeifyError
-    from ..models.checkpoint import load_model
+    from ..data.texts import check_text_source
+    from ..errors import InputError
+    from ..models.checkpoint import check_model_source, load_model, load_tokenizer, recorded_base_model
 
-    try:
-        sources = ppl or ([] if tasks else ["austen"])
-        task_list: list[str] = []
-        if tasks:
-            from ..eval.zero_shot import build_tasks, parse_limits, parse_tasks
+    if tasks is not None and tasks.strip().lower() == "list":
+        if model is not None or ppl:
+            raise InputError("--tasks list lists the zero-shot tasks available offline; it takes no MODEL or --ppl.")
+        check_output_file(json_out, "--json")
+        _list_tasks(json_out)
+        return
+    # every input is checked before a model is loaded: options, outputs, texts, tasks, models, token counts
+    if model is None:
+        raise InputError("give the MODEL to evaluate (a converted checkpoint folder, a model folder, a .gguf file or a hub id); "
+                         "`moeify eval --tasks list` lists the offline zero-shot tasks.")
+    check_dtype(dtype)
+    if baseline is not None and no_baseline:
+        raise InputError("--baseline and --no-baseline exclude each other; give one.")
+    if limit is not None and not tasks:
+        raise InputError("--limit sets zero-shot documents per task: use it with --tasks.")
+    bs: int | str = batch_size if batch_size == "auto" else int(batch_size) if batch_size.isdigit() and int(batch_size) > 0 else 0
+    if not bs:
+        raise InputError(f"--batch-size {batch_size!r}: a positive integer or 'auto'.")
+    check_output_file(json_out, "--json")
+    sources = list(dict.fromkeys(ppl or ([] if tasks else ["austen"])))
+    for src in sources:
+        check_text_source(src, "heldout", what="--ppl")
+    task_list: list[str] = []
+    limits: dict[str, int | None] = {}
+    if tasks:
+        from ..eval.zero_shot import parse_limits, parse_tasks, resolve_tasks
 
-            task_list = parse_tasks(tasks)
-            limits = parse_limits(limit, task_list)
-            bs: int | str = batch_size if batch_size == "auto" else int(batch_size) if batch_size.isdigit() and int(batch_size) > 0 else None
-            if bs is None:
-                raise InputError(f"--batch-size {batch_size!r}: a positive integer or 'auto'")
-            build_tasks(task_list, data=task_data)  # unknown tasks / missing data fail before loading models
-        m, tok = load_model(model, dtype=dtype)
-        base_name = baseline
-        if base_name is None and not no_baseline:
-            mo = getattr(m.config, "moeify", None)
-            if mo is None:
-                raise InputError(f"{model} is not a moeify checkpoint: pass --baseline MODEL or --no-baseline.")
-            base_name = (mo.get("provenance") or {}).get("base_model")
-            if not base_name:
-                raise InputError(f"{model} does not record its base model: pass --baseline MODEL.")
-        base = load_model(base_name, dtype=dtype, with_tokenizer=False)[0] if base_name else None
-        result: dict[str, Any] = {"model": model, "baseline": base_name, "ppl": {},
-                                  "baseline_provenance": model_provenance(base_name) if base_name else None}
-        if base is not None:
-            result["ppl"] = _compare_ppl(m, base, tok, sources, quick, dtype)
-        else:
-            from ..eval.perplexity import perplexity
-            from ..data.texts import perplexity_windows
+        task_list = parse_tasks(tasks)
+        limits = parse_limits(limit, task_list)
+        resolve_tasks(task_list, task_data)  # unknown tasks, groups, data that is neither cached nor reachable
+    path, mcfg = check_model_source(model, what="MODEL")
+    base_name = baseline
+    if base_name is None and not no_baseline:
+        if getattr(mcfg, "moeify", None) is None:
+            raise InputError(f"MODEL {model} is not a moeify checkpoint, so it records no dense baseline: pass --baseline MODEL or --no-baseline.")
+        base_name = recorded_base_model(mcfg)
+        if not base_name:
+            raise InputError(f"MODEL {model} does not record its base model: pass --baseline MODEL or --no-baseline.")
+    base_what = "--baseline" if baseline is not None else f"the base model recorded in {model} (--baseline overrides it)"
+    base_path = check_model_source(base_name, what=base_what)[0] if base_name else None
+    tok = load_tokenizer(path)
+    windows = _ppl_windows(tok, sources, quick)
 
-            for src in sources:
-                w = perplexity_windows(tok, source=src, quick=quick)
-                r = perplexity(m, w)
-                result["ppl"][src] = {"model": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "protocol": _ppl_protocol(src, quick, r["windows"]), "dtype": dtype}
-        if task_list:
-            from ..eval.zero_shot import compare_zero_shot
+    m, _ = load_model(path, dtype=dtype, with_tokenizer=False)
+    base = load_model(base_path, dtype=dtype, with_tokenizer=False)[0] if base_path else None
+    result: dict[str, Any] = {"model": model, "baseline": base_name, "ppl": {},
+                              "baseline_provenance": model_provenance(base_name) if base_name else None}
+    if base is not None:
+        result["ppl"] = _compare_ppl(m, base, windows, quick, dtype)
+    else:
+        from ..eval.perplexity import perplexity
 
-            def _partial(zs: dict[str, Any]) -> None:
-                _write_json(json_out, {**result, **zs, "model": model, "baseline": base_name, "dtype": dtype, "environment": _environment()})
+        for src, w in windows.items():
+            r = perplexity(m, w)
+            result["ppl"][src] = {"model": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "protocol": _ppl_protocol(src, quick, r["windows"]), "dtype": dtype}
+    if task_list:
+        from ..eval.zero_shot import compare_zero_shot
 
-            zs = compare_zero_shot(m, base, tok, task_list, limits=limits, batch_size=bs, data=task_data, on_task=_partial)
-            result.update(zs)
-        result["environment"] = _environment()
-        result["dtype"] = dtype
-    except MoeifyError as e:
-        _fail(e)
+        def _partial(zs: dict[str, Any]) -> None:
+            _write_json(json_out, {**result, **zs, "model": model, "baseline": base_name, "dtype": dtype, "environment": _environment()})
+
+        zs = compare_zero_shot(m, base, tok, task_list, limits=limits, batch_size=bs, data=task_data, on_task=_partial)
+        result.update(zs)
+    result["environment"] = _environment()
+    result["dtype"] = dtype
     if task_list:
         _print_zero_shot(result, model, base_name)
     if not result["ppl"]:
@@ -244,6 +333,42 @@ def eval_(
     _write_json(json_out, result)
 
 
+def _list_tasks(json_out: Optional[Path]) -> None:
+    """`moeify eval --tasks list`: the lm-eval tasks whose documents `moeify pull` caches, by cached dataset."""
+    from collections import defaultdict
+
+    from ..data.assets import zero_shot_dir
+    from ..eval.zero_shot import DEV_SUITE, offline_tasks
+
+    off = offline_tasks()
+    by_folder: dict[str, list[str]] = defaultdict(list)
+    for name, c in off.items():
+        by_folder[c.folder].append(name)
+    families: dict[str, list[str]] = defaultdict(list)  # e.g. hails/mmlu_no_train -> its 57 subject folders
+    for folder in by_folder:
+        families[folder.rsplit("/", 1)[0]].append(folder)
+    t = Table(title=f"{len(off)} lm-eval tasks run offline here (documents under {zero_shot_dir()}"
+                    + ("" if off else "; `moeify pull` caches them") + f"); the dev suite is {', '.join(DEV_SUITE)}; "
+                    "any other task needs the hub (--task-data hub)")
+    for c in ("cached dataset", "split scored", "tasks", "lm-eval tasks"):
+        t.add_column(c)
+    for parent, folders in sorted(families.items()):
+        if len(folders) >= 5:  # one row for a dataset with many configs (MMLU's subjects)
+            configs = sorted(f.rsplit("/", 1)[1] for f in folders)
+            templates = sorted({n.replace(f.rsplit("/", 1)[1], "<config>") for f in folders for n in by_folder[f]})
+            splits = sorted({off[n].split for f in folders for n in by_folder[f]})
+            count = sum(len(by_folder[f]) for f in folders)
+            t.add_row(f"{parent}/<config> ({len(configs)} configs: {', '.join(configs[:3])}, ...)", "/".join(splits), str(count), ", ".join(templates))
+            continue
+        for f in sorted(folders):
+            names = sorted(by_folder[f])
+            t.add_row(f, "/".join(sorted({off[n].split for n in names})), str(len(names)), ", ".join(names))
+    console.print(t)
+    if json_out is not None:
+        _write_json(json_out, {"zero_shot_dir": str(zero_shot_dir()),
+                               "tasks": {n: {"folder": c.folder, "split": c.split} for n, c in sorted(off.items())}})
+
+
 def _print_zero_shot(result: dict[str, Any], model: str, base_name: str | None) -> None:
     t = Table(title=f"zero-shot ({result['protocol']}, lm-eval {result['lm_eval']}): {model}" + (f" vs {base_name}" if base_name else ""))
     for c in ("task", "limit", "docs", "metric", "dense", "model", "recovery"):
@@ -253,8 +378,9 @@ def _print_zero_shot(result: dict[str, Any], model: str, base_name: str | None) 
         return "-" if v is None else f"{100 * v:.2f}"
 
     for task, e in result["tasks"].items():
+        label = f"{task} ({e['split']})" if e.get("split") else task
         for metric, r in e["metrics"].items():
-            t.add_row(task, str(e["limit"] or "full"), str(e["n"]), metric, pct(r.get("dense")), pct(r["model"]), pct(r.get("recovery")))
+            t.add_row(label, str(e["limit"] or "full"), str(e["n"]), metric, pct(r.get("dense")), pct(r["model"]), pct(r.get("recovery")))
     for metric, a in result.get("average", {}).items():
         t.add_row("average", "", f"{a['tasks']} tasks", metric, pct(a.get("dense")), pct(a["model"]), pct(a.get("recovery")))
     console.print(t)
@@ -264,7 +390,6 @@ def _print_zero_shot(result: dict[str, Any], model: str, base_name: str | None) 
 def methods(name: Optional[str] = typer.Argument(None, help="A method: list its options with their defaults and help.")) -> None:
     """List the conversion methods, or one method's options (the flags `moeify convert --method NAME` takes)."""
     from ..core.method import METHODS, method_class
-    from ..errors import MoeifyError
     from .options import method_options
 
     if name is None:
@@ -276,10 +401,7 @@ def methods(name: Optional[str] = typer.Argument(None, help="A method: list its 
             t.add_row(n, "yes" if cls.needs_calibration else "no", ", ".join(f"{o.flag}={o.default!r}" for o in method_options(cls)))
         console.print(t)
         return
-    try:
-        cls = method_class(name)
-    except MoeifyError as e:
-        _fail(e)
+    cls = method_class(name)
     t = Table(title=f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
     for c in ("option", "type", "default", "help"):
         t.add_column(c)

