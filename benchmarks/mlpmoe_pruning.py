@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 import moeify
-from moeify.eval.perplexity import perplexity
 from moeify.data.texts import perplexity_windows
+from moeify.eval.perplexity import perplexity
+from runinfo import run_info
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="all held-out windows instead of quick")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    info = run_info(args.model, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
 
     torch.manual_seed(0)
     dense, tok = moeify.load_model(args.model)
@@ -54,7 +56,7 @@ def main() -> None:
         "protocol": f"austen-v1 {'full' if args.full else 'quick'}", "dtype": "float32",
         "windows": base["windows"], "tokens": base["tokens"], "model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
         "dense_ppl": base["ppl"], "rows": rows, "moeify": moeify.__version__, "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), **info,
     }
     print("\n| pruning (20 % of MLP params) | MLP params removed | austen-v1 ppl | dense ppl | ratio |\n|---|---|---|---|---|")
     for r in rows:

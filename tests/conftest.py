@@ -69,23 +69,26 @@ def probe_ids():
     return torch.randint(0, 128, (2, 12), generator=g)
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    """A tiny Llama saved as a safetensors folder with a small word-level tokenizer."""
+def save_tiny_llama(path):
+    """A tiny Llama saved as a safetensors folder with a small word-level tokenizer (words w0..w125)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = tiny_model("llama")
     vocab = {f"w{i}": i for i in range(126)}
     vocab["[UNK]"] = 126
     vocab["[EOS]"] = 127
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path)
+    tiny_model("llama").save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny Llama saved as a safetensors folder with a small word-level tokenizer."""
+    return save_tiny_llama(tmp_path / "tiny-llama")
 
 
 def random_gated_weights(d_h: int = 96, H: int = 32, seed: int = 0):

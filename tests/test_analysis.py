@@ -192,6 +192,25 @@ def test_dense_from_block_reproduces_the_original_mlp(tiny_cmoe, tiny_dir):
     torch.testing.assert_close(w(x), dense.model.layers[1].mlp(x), atol=1e-5, rtol=1e-5)
 
 
+def test_analyze_no_gaussian_drops_only_the_gaussian_comparison(tiny_cmoe, tmp_path):
+    out, calib, held = tiny_cmoe
+    common = ["analyze", str(out), "--calib", str(calib), "--heldout", str(held), "--heldout-tokens", "128", "--calib-tokens", "128",
+              "--seq-len", "64", "--ranks", "", "--no-stability"]
+    res = {}
+    for name, flag in (("with", "--gaussian"), ("without", "--no-gaussian")):
+        js = tmp_path / f"{name}.json"
+        r = runner.invoke(app, [*common, flag, "--json", str(js)])
+        assert r.exit_code == 0, r.output
+        res[name] = json.loads(js.read_text())
+    assert res["with"]["settings"]["gaussian"] is True and res["without"]["settings"]["gaussian"] is False
+    for a, b in zip(res["with"]["layers"], res["without"]["layers"]):
+        assert "gaussian" in a["secret_moe"] and "gaussian_refit" in a["secret_moe"]
+        assert "gaussian" not in b["secret_moe"] and "gaussian_refit" not in b["secret_moe"]
+        assert a["secret_moe"]["real"] == b["secret_moe"]["real"]  # the real-input curves do not depend on the option
+        assert a["fidelity"] == b["fidelity"]
+    assert "fvu_gaussian" in json.dumps(res["with"]["summary"]) and "fvu_gaussian" not in json.dumps(res["without"]["summary"])
+
+
 def test_analyze_refuses_bad_input_before_model_work(tiny_cmoe, tiny_dir, tmp_path):
     out, calib, held = tiny_cmoe
     r = runner.invoke(app, ["analyze", str(tiny_dir), "--calib", str(calib), "--heldout", str(held)])

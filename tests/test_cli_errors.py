@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from moeify.cli.app import app
 
-from .conftest import tiny_model
+from .conftest import save_tiny_llama
 
 runner = CliRunner()
 
@@ -27,18 +27,7 @@ HUB_DOWN = "https://huggingface.co: [Errno -2] Name or service not known (test)"
 
 def _tiny(path: Path) -> Path:
     """A tiny Llama with a word-level tokenizer (as conftest's tiny_dir), for module-scoped use."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(126)}
-    vocab["[UNK]"] = 126
-    vocab["[EOS]"] = 127
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
-    tiny_model("llama").save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_llama(path)
 
 
 def _words(path: Path, n: int) -> str:

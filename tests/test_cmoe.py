@@ -162,13 +162,60 @@ def test_sequential_and_dense_feeding_differ_only_after_layer_zero():
     assert sl[1]["calibration_error"] != dl[1]["calibration_error"]
 
 
-def test_convert_reports_router_fidelity_on_heldout_tokens():
-    conv = moeify.convert(tiny_model("llama"), CMoEConfig(layout="S1A2E8"), calibration=_cal(), progress=False)
+@pytest.mark.parametrize("layout", ["S1A2E8", "S0A3E6"])
+@torch.no_grad()
+def test_convert_reports_router_fidelity_on_heldout_tokens(layout):
+    """The summary's held-out router fidelity equals an independent computation: the converted model run on the
+    held-out tokens, each layer's MLP input captured, the expert outputs computed from the *dense* model's
+    weights and the block's neuron ids, the oracle top-k taken here, the router's choice from the block."""
+    dense = tiny_model("llama")
+    heldout = _ids(1, 48, seed=9)
+    cal = moeify.Calibration.from_windows(_ids(4, 48), heldout, batch_size=2)
+    conv = moeify.convert(copy.deepcopy(dense), CMoEConfig(layout=layout), calibration=cal, progress=False)
     s = conv.config.moeify["summary"]
-    per = [lay["router_fidelity"]["overlap"] for lay in s["per_layer"]]
-    assert all(0.0 <= f <= 1.0 for f in per)
-    assert s["router_fidelity"] == pytest.approx(sum(per) / len(per))
     assert s["calibration"]["heldout_tokens"] == 48
+    inputs = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+             for i, layer in enumerate(conv.model.layers)]
+    conv(heldout)
+    for h in hooks:
+        h.remove()
+    per = s["per_layer"]
+    assert len(per) == len(conv.model.layers) == 2
+    for i, layer in enumerate(conv.model.layers):
+        block, mlp, x = layer.mlp, dense.model.layers[i].mlp, inputs[i]
+        assert block.dropped_bias is not None  # the default variant compensates dropped experts: that path is checked too
+        h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # the dense neurons' activations
+        F = mlp.down_proj(h)
+
+        def part(ids):
+            ids = torch.as_tensor(ids)
+            return h[:, ids] @ mlp.down_proj.weight[:, ids].T
+
+        shared = part(block.shared_index) if block.shared_size else torch.zeros_like(F)
+        bounds = np.cumsum([0, *block.expert_sizes])
+        E = torch.stack([part(block.routed_index[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)  # [T, N, H]
+        k, N = block.top_k, E.shape[1]
+        oracle = E.norm(dim=-1).topk(k, dim=-1).indices
+        _, router, _ = block.route(x)
+        keep_r = torch.zeros(x.shape[0], N).scatter_(1, router, 1.0)
+        keep_o = torch.zeros(x.shape[0], N).scatter_(1, oracle, 1.0)
+        overlap = float((keep_r * keep_o).sum() / (x.shape[0] * k))
+        bias = block.dropped_bias if block.dropped_bias is not None else torch.zeros(N, F.shape[1])
+
+        def rel_error(keep):
+            y = shared + torch.einsum("tn,tnh->th", keep, E) + (1 - keep) @ bias
+            return float((F - y).norm() / F.norm())
+
+        fid = per[i]["router_fidelity"]
+        assert fid["tokens"] == 48
+        assert fid["overlap"] == pytest.approx(overlap, abs=1e-6), (i, fid, overlap)
+        assert fid["rel_error_router"] == pytest.approx(rel_error(keep_r), rel=1e-4)
+        assert fid["rel_error_oracle"] == pytest.approx(rel_error(keep_o), rel=1e-4)
+        assert fid["rel_error_oracle"] < fid["rel_error_router"] or overlap == 1.0
+    assert s["router_fidelity"] == pytest.approx(np.mean([p["router_fidelity"]["overlap"] for p in per]))
+    assert s["heldout_rel_error_router"] == pytest.approx(np.mean([p["router_fidelity"]["rel_error_router"] for p in per]))
+    assert 0.0 < s["router_fidelity"] < 1.0  # a router that is neither perfect nor disjoint from the oracle here
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,13 @@ def test_default_model_is_the_protocol_model(smollm2):
     assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.intermediate_size) == ("llama", 30, 576, 1536)
     assert c.tie_word_embeddings
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 136e6
+    # what the README and every result JSON say about it: the dequantised Q4_1 GGUF, not the hub's checkpoint
+    from moeify.data.assets import model_label, model_provenance
+
+    prov = model_provenance(None)
+    if prov["weights"] != "Hugging Face hub":  # the offline route (the protocol's model); the hub fallback is the original
+        assert "Q4_1" in prov["weights"] and "not bit-identical" in prov["note"]
+        assert "Q4_1 GGUF" in model_label(None)
 
 
 def test_mlpmoe_on_smollm2_is_exact_saves_and_reloads(smollm2, probe, tmp_path):
@@ -71,28 +78,36 @@ def test_austen_perplexity_of_exact_conversion_matches_dense(smollm2):
     assert abs(r["ratio"] - 1) < 5e-4
 
 
-def test_cmoe_on_smollm2_routes_better_than_chance_and_beats_pruning(smollm2, tmp_path):
-    """A short calibration (4 x 512 Austen tokens) through the real pipeline; 2 x 512 held-out tokens."""
+def test_cmoe_on_smollm2_routes_better_than_chance_and_beats_pruning_at_75_percent(smollm2, tmp_path):
+    """A short calibration (4 x 512 Austen tokens) through the real pipeline; 2 x 512 held-out tokens.
+
+    What the full protocol supports (benchmarks/results/cmoe_layouts.json, 8 x 2048 calibration, 16 x 2048
+    windows): at S3A3E8 (75 % active) CMoE beats static pruning clearly in perplexity (1.46 vs 1.93) and in
+    held-out MLP error (0.27 vs 0.33). At S1A3E8 pruning has the lower perplexity (5.21 vs 5.45), so no
+    ordering is asserted there."""
     import copy
 
+    from moeify.data.texts import perplexity_windows
     from moeify.eval.perplexity import perplexity
     from moeify.methods.prune import PruneConfig
-    from moeify.data.texts import perplexity_windows
 
     dense, tok = smollm2
     cal = moeify.Calibration(source="austen", samples=4, seq_len=512, seed=0, heldout_tokens=1024)
-    conv = moeify.convert(copy.deepcopy(dense), moeify.CMoEConfig(layout="S1A3E8"), calibration=cal, tokenizer=tok, progress=False)
+    conv = moeify.convert(copy.deepcopy(dense), moeify.CMoEConfig(layout="S3A3E8"), calibration=cal, tokenizer=tok, progress=False)
     s = conv.config.moeify["summary"]
-    assert s["active_mlp_fraction"] == pytest.approx(0.5)
+    assert s["active_mlp_fraction"] == pytest.approx(0.75)
     per = [lay["router_fidelity"]["overlap"] for lay in s["per_layer"]]
     assert len(per) == 30
-    assert s["router_fidelity"] > 3 / 7 + 0.1  # a random top-3 of 7 routed experts overlaps 3/7 on average
-    assert s["heldout_rel_error_router"] < 1.0
-    pruned = moeify.convert(copy.deepcopy(dense), PruneConfig(layout="S1A3E8"), calibration=cal, tokenizer=tok, progress=False)
+    assert s["router_fidelity"] > 3 / 5 + 0.05  # a random top-3 of 5 routed experts overlaps 3/5 on average
+    assert s["heldout_rel_error_oracle"] < s["heldout_rel_error_router"] < 1.0
+    pruned = moeify.convert(copy.deepcopy(dense), PruneConfig(layout="S3A3E8"), calibration=cal, tokenizer=tok, progress=False)
+    assert s["heldout_rel_error_router"] < pruned.config.moeify["summary"]["heldout_rel_error_router"]
     windows = perplexity_windows(tok, source="austen", quick=True)[:2, :512]
     p_dense = perplexity(dense, windows, progress=False)["ppl"]
     p_cmoe = perplexity(conv, windows, progress=False)["ppl"]
     p_prune = perplexity(pruned, windows, progress=False)["ppl"]
+    print(f"S3A3E8 4x512: dense {p_dense:.2f}, cmoe {p_cmoe:.2f}, prune {p_prune:.2f}, fidelity {s['router_fidelity']:.3f}, "
+          f"error cmoe {s['heldout_rel_error_router']:.3f} / prune {pruned.config.moeify['summary']['heldout_rel_error_router']:.3f}")
     assert p_dense < p_cmoe < p_prune
     path = conv.save_pretrained(tmp_path / "cmoe")
     re = AutoModelForCausalLM.from_pretrained(path)

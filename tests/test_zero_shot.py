@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -65,21 +63,8 @@ def _loglik(model, tok, context: str, continuation: str) -> float:
     return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
 
 
-def test_accuracy_matches_a_hand_computed_scoring(tmp_path):
-    """A tiny random model with SmolLM2's tokenizer: lm-eval's acc / acc_norm through our wiring equal a
-    direct log-likelihood argmax over the same documents; the same model as baseline recovers 100 %."""
-    from transformers import AutoTokenizer
-
-    from moeify.data.assets import pull_default_model
-
-    tok = AutoTokenizer.from_pretrained(str(pull_default_model()))
-    model = tiny_model("llama", vocab_size=len(tok), seed=3)
-    limit = 6
-    res = compare_zero_shot(model, copy.deepcopy(model), tok, ["arc_easy"], limits={"arc_easy": limit}, batch_size=4)
-    entry = res["tasks"]["arc_easy"]
-    assert entry["n"] == limit and entry["limit"] == limit
-    task = build_tasks(["arc_easy"])["arc_easy"]
-    docs = list(task.validation_docs())[:limit]
+def _hand_scores(model, tok, task, docs) -> tuple[int, int]:
+    """(acc hits, acc_norm hits): a direct log-likelihood argmax over the choices, lm-eval's definitions."""
     hits = hits_norm = 0
     for d in docs:
         ctx = task.doc_to_text(d)
@@ -89,10 +74,34 @@ def test_accuracy_matches_a_hand_computed_scoring(tmp_path):
         hits += int(max(range(len(ll)), key=ll.__getitem__) == gold)
         norm = [v / len(" " + c) for v, c in zip(ll, choices)]
         hits_norm += int(max(range(len(norm)), key=norm.__getitem__) == gold)
+    return hits, hits_norm
+
+
+def test_accuracy_matches_a_hand_computed_scoring(tmp_path):
+    """Two different tiny random models with SmolLM2's tokenizer, as baseline ("dense") and converted ("model"):
+    lm-eval's acc / acc_norm through our wiring equal a direct log-likelihood argmax for each of them, on
+    the right side, and recovery is their ratio. The two models score differently on these documents
+    (4 vs 1 of 10), so a swap of dense and model, or scoring one model twice, fails here."""
+    from transformers import AutoTokenizer
+
+    from moeify.data.assets import pull_default_model
+
+    tok = AutoTokenizer.from_pretrained(str(pull_default_model()))
+    dense = tiny_model("llama", vocab_size=len(tok), seed=3)
+    model = tiny_model("llama", vocab_size=len(tok), seed=6)
+    limit = 10
+    task = build_tasks(["arc_easy"])["arc_easy"]
+    docs = list(task.validation_docs())[:limit]
+    hand = {"dense": _hand_scores(dense, tok, task, docs), "model": _hand_scores(model, tok, task, docs)}
+    assert hand["dense"][0] != hand["model"][0]  # the models are told apart by acc (else the test proves nothing)
+    res = compare_zero_shot(model, dense, tok, ["arc_easy"], limits={"arc_easy": limit}, batch_size=4)
+    entry = res["tasks"]["arc_easy"]
+    assert entry["n"] == limit and entry["limit"] == limit
     acc, acc_norm = entry["metrics"]["acc"], entry["metrics"]["acc_norm"]
-    assert acc["model"] == pytest.approx(hits / limit)
-    assert acc_norm["model"] == pytest.approx(hits_norm / limit)
-    assert acc["dense"] == acc["model"] and acc["recovery"] == pytest.approx(1.0)
+    for role in ("dense", "model"):
+        assert acc[role] == pytest.approx(hand[role][0] / limit), role
+        assert acc_norm[role] == pytest.approx(hand[role][1] / limit), role
+    assert acc["recovery"] == pytest.approx(hand["model"][0] / hand["dense"][0])
 
 
 def test_average_is_the_unweighted_task_mean_with_recovery_of_the_means():
@@ -114,3 +123,76 @@ def test_cli_refuses_unknown_task_before_loading_the_model(tmp_path):
     r = CliRunner().invoke(app, ["eval", str(tmp_path / "does-not-exist"), "--tasks", "arc_easy,bogus_task_q"])
     assert r.exit_code == 2
     assert "unknown lm-eval task" in r.output
+
+
+# --------------------------------------------------------------------------- every cached task, offline
+
+
+def test_tasks_beyond_the_dev_suite_read_their_offline_copy_with_lm_evals_own_config():
+    from moeify.eval.zero_shot import offline_copy, offline_tasks
+
+    off = offline_tasks()
+    assert set(off) >= {"arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "boolq",
+                        "openbookqa", "sciq", "social_iqa", "commonsense_qa", "copa", "cb", "rte", "sst2", "mrpc", "mmlu_anatomy"}
+    assert "lambada_openai" not in off and "triviaqa" not in off  # not cached (triviaqa's cached config is another one)
+    # lm-eval scores MMLU on its test split, which is cached: the same documents; SciQ's test split is not: validation
+    assert offline_copy("mmlu_anatomy").split == "test" and offline_copy("sciq").split == "validation"
+    tasks = build_tasks(["sciq", "copa", "mmlu_anatomy"], data="local")
+    sciq = tasks["sciq"]
+    d = sciq.eval_docs[0]
+    assert len(sciq.eval_docs) == 1000  # SciQ validation
+    assert sciq.doc_to_text(d) == f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:"  # lm-eval's sciq.yaml
+    assert sciq.doc_to_target(d) == 3 and sciq.doc_to_choice(d)[3] == d["correct_answer"]
+    assert len(tasks["copa"].eval_docs) == 100 and len(tasks["mmlu_anatomy"].eval_docs) == 135  # MMLU anatomy test
+
+
+def test_resolve_refuses_groups_unknown_names_and_unreachable_data(monkeypatch):
+    import moeify.data.texts as texts
+    from moeify.eval.zero_shot import resolve_tasks
+
+    monkeypatch.setattr(texts, "_HUB_STATUS", {"https://huggingface.co": "unreachable (test)"})
+    for var in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_tasks(["sciq", "copa"])["copa"].folder == "super_glue/copa"
+    with pytest.raises(InputError, match="did you mean sciq"):
+        resolve_tasks(["sciqq"])
+    with pytest.raises(InputError, match="lm-eval group"):
+        resolve_tasks(["mmlu"])
+    with pytest.raises(InputError, match="lm-eval tag"):
+        resolve_tasks(["ai2_arc"])
+    with pytest.raises(InputError, match="no offline copy of lambada_openai"):
+        resolve_tasks(["sciq", "lambada_openai"], data="local")
+    with pytest.raises(InputError, match=r"lambada_openai \(no offline copy\) need the Hugging Face hub, which is not reachable \(unreachable \(test\)\)"):
+        resolve_tasks(["sciq", "lambada_openai"], data="auto")
+    with pytest.raises(InputError, match="--task-data hub"):
+        resolve_tasks(["sciq"], data="hub")
+
+
+def test_a_task_beyond_the_dev_suite_scores_offline_with_its_dense_baseline():
+    from transformers import AutoTokenizer
+
+    from moeify.data.assets import pull_default_model
+
+    tok = AutoTokenizer.from_pretrained(str(pull_default_model()))
+    dense = tiny_model("llama", vocab_size=len(tok), seed=3)
+    model = tiny_model("llama", vocab_size=len(tok), seed=6)
+    res = compare_zero_shot(model, dense, tok, ["copa"], limits={"copa": 8}, batch_size=4, data="local")
+    e = res["tasks"]["copa"]
+    assert e["n"] == 8 and e["split"] == "validation" and e["data"] == "offline copy super_glue/copa"
+    acc = e["metrics"]["acc"]
+    assert 0 <= acc["dense"] <= 1 and 0 <= acc["model"] <= 1 and set(e["seconds"]) == {"dense", "model"}
+
+
+def test_eval_tasks_list_shows_the_offline_tasks(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from moeify.cli.app import app
+
+    js = tmp_path / "tasks.json"
+    r = CliRunner().invoke(app, ["eval", "--tasks", "list", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert "lm-eval tasks run offline here" in r.output and "sciq" in r.output and "mmlu_<config>" in r.output
+    listed = json.loads(js.read_text())["tasks"]
+    assert listed["sciq"] == {"folder": "sciq/none", "split": "validation"} and listed["boolq"]["folder"] == "boolq/none"

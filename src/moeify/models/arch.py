@@ -4,7 +4,7 @@ A dense gated MLP is described by the names of its projections; an MoE block
 (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) by the name of its fused expert module.
 To support a new architecture, register an `ArchSpec`:
 
-    moeify.arch.register(ArchSpec(model_type="my_llama", act_key="hidden_act"))
+    moeify.models.arch.register(ArchSpec(model_type="my_llama", act_key="hidden_act"))
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def unsupported_message(model_type: str) -> str:
         f"architecture {model_type!r} is not supported. Supported dense: {', '.join(DENSE_TYPES)}; "
         f"MoE (hierarchical): {', '.join(MOE_TYPES)}. Llama-like models whose layers have "
         "mlp.gate_proj/up_proj/down_proj are detected automatically. To describe a new one: "
-        "moeify.arch.register(moeify.arch.ArchSpec(model_type=..., layers='model.layers', mlp='mlp', "
+        "moeify.models.arch.register(moeify.models.arch.ArchSpec(model_type=..., layers='model.layers', mlp='mlp', "
         "gate='gate_proj', up='up_proj', down='down_proj', act_key='hidden_act'))."
     )
 

@@ -51,13 +51,34 @@ def install_blocks(model: nn.Module, moeify_cfg: dict[str, Any]) -> None:
         site.replace(MoEMLP(hidden, layer_cfg, act))
 
 
-def _make_classes(model_type: str) -> tuple[type, type]:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _base_classes(model_type: str, base: tuple[type, type] | None) -> tuple[type, type]:
+    """(config class, CausalLM class) of a base architecture: transformers' Auto classes, else the model's own classes.
+
+    An architecture that is only auto-detected (a Llama-like model whose model_type is in no table here) may be
+    unknown to the Auto classes too, or known with a different model class; the loaded model's own classes are
+    then the base, so conversion, save and reload in this process work for it as for a listed architecture.
+    """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    base_cfg = CONFIG_MAPPING[model_type]
-    base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_cfg]
+    if base is not None:
+        return base
+    try:
+        base_cfg = CONFIG_MAPPING[model_type]
+        return base_cfg, MODEL_FOR_CAUSAL_LM_MAPPING[base_cfg]
+    except KeyError:
+        raise InputError(
+            f"transformers' Auto classes do not know the architecture {model_type!r}, so moeify cannot build "
+            f"moeify_{model_type} from it: register its config and CausalLM classes first "
+            f"(AutoConfig.register({model_type!r}, MyConfig); AutoModelForCausalLM.register(MyConfig, MyForCausalLM)), "
+            f"then call moeify.models.modeling.classes_for({model_type!r}) before reloading a moeify_{model_type} checkpoint."
+        ) from None
+
+
+def _make_classes(model_type: str, base: tuple[type, type] | None = None) -> tuple[type, type]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base_cfg, base_model = _base_classes(model_type, base)
     new_type = f"moeify_{model_type}"
     cfg_cls = type(f"Moeify{base_cfg.__name__}", (base_cfg,), {"model_type": new_type, "__module__": __name__})
 
@@ -79,6 +100,8 @@ def _make_classes(model_type: str) -> tuple[type, type]:
     AutoConfig.register(new_type, cfg_cls, exist_ok=True)
     AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
     _share_weight_renamings(model_type, new_type)
+    # module attributes under their names, so configs and models pickle by reference (vLLM spawns processes)
+    globals()[cfg_cls.__name__], globals()[model_cls.__name__] = cfg_cls, model_cls
     return cfg_cls, model_cls
 
 
@@ -97,10 +120,16 @@ def _share_weight_renamings(model_type: str, new_type: str) -> None:
         register_checkpoint_conversion_mapping(new_type, mapping, overwrite=True)
 
 
-def classes_for(model_type: str) -> tuple[type, type]:
-    """(config class, model class) for a base model_type, created and registered on first use."""
-    if model_type not in _CLASSES:
-        _CLASSES[model_type] = _make_classes(model_type)
+def classes_for(model_type: str, base: tuple[type, type] | None = None) -> tuple[type, type]:
+    """(config class, model class) for a base model_type, created and registered on first use.
+
+    ``base``: the (config class, CausalLM class) to build on instead of transformers' Auto classes (an
+    auto-detected architecture converted from a loaded model). Call ``classes_for("my_llama")`` in a fresh
+    process, after registering my_llama with the Auto classes, to reload a ``moeify_my_llama`` checkpoint.
+    """
+    cached = _CLASSES.get(model_type)
+    if cached is None or (base is not None and cached[0].__mro__[1] is not base[0]):
+        _CLASSES[model_type] = _make_classes(model_type, base)
     return _CLASSES[model_type]
 
 
@@ -108,7 +137,7 @@ def register_all() -> None:
     for mt in DENSE_TYPES + MOE_TYPES:
         try:
             classes_for(mt)
-        except KeyError:  # an older transformers without this architecture
+        except InputError:  # an older transformers without this architecture
             log.debug("transformers has no %s; not registered", mt)
 
 
@@ -117,7 +146,10 @@ def as_moeify_model(model, moeify_cfg: dict[str, Any]):
     from .arch import base_model_type
 
     mt = base_model_type(model.config)
-    cfg_cls, model_cls = classes_for(mt)
+    if mt in DENSE_TYPES + MOE_TYPES or model.config.model_type != mt:
+        cfg_cls, model_cls = classes_for(mt)  # a listed architecture, or already one of moeify's classes
+    else:  # an auto-detected architecture: build on the model's own classes (the Auto classes may not know them)
+        cfg_cls, model_cls = classes_for(mt, (type(model.config), type(model)))
     d = model.config.to_dict()
     for k in ("model_type", "architectures", "moeify", "transformers_version"):
         d.pop(k, None)
