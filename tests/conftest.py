@@ -15,10 +15,11 @@ if not torch.cuda.is_available():
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
 
 
-def _cfg(arch: str, intermediate: int = 96, **over):
+def tiny_config(arch: str, intermediate: int = 96, *, common: dict | None = None, head_dim: int = 16, sliding_window: int = 32, **over):
+    """A small config of every supported architecture (tests_vllm builds larger ones from it)."""
     import transformers as tf
 
-    kw = dict(COMMON, intermediate_size=intermediate, **over)
+    kw = dict(COMMON if common is None else common, intermediate_size=intermediate, **over)
     if arch == "llama":
         return tf.LlamaConfig(**kw)
     if arch == "mistral":
@@ -26,22 +27,21 @@ def _cfg(arch: str, intermediate: int = 96, **over):
     if arch == "qwen2":
         return tf.Qwen2Config(**kw)
     if arch == "qwen3":
-        return tf.Qwen3Config(head_dim=16, **kw)
+        return tf.Qwen3Config(head_dim=head_dim, **kw)
     if arch == "gemma":
-        return tf.GemmaConfig(head_dim=16, **kw)
+        return tf.GemmaConfig(head_dim=head_dim, **kw)
     if arch == "gemma2":
-        return tf.Gemma2Config(head_dim=16, **kw)
+        return tf.Gemma2Config(head_dim=head_dim, **kw)
     if arch == "gemma3_text":
-        return tf.Gemma3TextConfig(head_dim=16, sliding_window=32, **kw)
+        return tf.Gemma3TextConfig(head_dim=head_dim, sliding_window=sliding_window, **kw)
     if arch == "phi3":
         return tf.Phi3Config(pad_token_id=0, **kw)
     if arch == "mixtral":
         return tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kw)
     if arch == "qwen2_moe":
-        kw["intermediate_size"] = intermediate
         return tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate // 2, shared_expert_intermediate_size=intermediate, **kw)
     if arch == "qwen3_moe":
-        return tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate // 2, head_dim=16, **kw)
+        return tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate // 2, head_dim=head_dim, **kw)
     if arch == "olmoe":
         return tf.OlmoeConfig(num_experts=4, num_experts_per_tok=2, **kw)
     raise KeyError(arch)
@@ -55,7 +55,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, intermediate: int = 96, **ove
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_cfg(arch, intermediate, **over), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, intermediate, **over), dtype=torch.float32).eval()
     # Random init leaves some norms at exactly 1 / 0: perturb every parameter so no neuron is trivial.
     with torch.no_grad():
         for p in model.parameters():

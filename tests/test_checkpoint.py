@@ -71,7 +71,7 @@ def test_existing_output_is_refused_and_overwrite_replaces(tmp_path, probe_ids):
 
 def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     conv = moeify.convert(tiny_model("llama"), moeify.MLPMoEConfig(branches=2), progress=False)
-    import moeify.models.checkpoint as api
+    import moeify.models.modeling as api
 
     def boom(model):
         raise KeyboardInterrupt("simulated crash while writing")
@@ -87,7 +87,7 @@ def test_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch, p
     conv = moeify.convert(tiny_model("llama"), moeify.MLPMoEConfig(branches=2), progress=False)
     good = conv.save_pretrained(tmp_path / "ck")
     before = (good / "model.safetensors").read_bytes()
-    import moeify.models.checkpoint as api
+    import moeify.models.modeling as api
 
     monkeypatch.setattr(api, "model_card", lambda m: (_ for _ in ()).throw(RuntimeError("disk full")))
     other = moeify.convert(tiny_model("llama", seed=5), moeify.MLPMoEConfig(branches=2), progress=False)

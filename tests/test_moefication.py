@@ -71,12 +71,11 @@ def test_trained_router_predicts_the_heavy_experts():
     cfg = MoEficationConfig(experts=8, active=2)
     res = plan_moefication(w, x, cfg, 0)
     xh = _x(T=512, seed=7)
-    from moeify.core.dense import hidden_activations
     from moeify.blocks.routers import MLPRouter
 
     router = MLPRouter(8, 32, res.plan.router, "silu")
     router.load_state_dict(res.router_state)
-    truth = topk_mask(expert_mass(hidden_activations(w, xh), res.plan.experts), 2)
+    truth = topk_mask(expert_mass(w.hidden(xh), res.plan.experts), 2)
     pred = topk_mask(router(xh).detach(), 2)
     overlap = float((truth * pred).sum(-1).mean() / 2)
     assert overlap > 0.6  # random selection overlaps 2/8 = 0.25 on average

@@ -17,28 +17,10 @@ KV_CACHE_BYTES = 256 << 20
 
 
 def tiny_config(arch: str, layers: int):
-    import transformers as tf
+    """The main suite's tiny configs (tests/conftest.py) at sizes vLLM's CPU kernels accept."""
+    from tests.conftest import tiny_config as base
 
-    kw = dict(COMMON, intermediate_size=INTERMEDIATE, num_hidden_layers=layers)
-    if arch == "llama":
-        return tf.LlamaConfig(**kw)
-    if arch == "mistral":
-        return tf.MistralConfig(**kw)
-    if arch == "qwen2":
-        return tf.Qwen2Config(**kw)
-    if arch == "qwen3":
-        return tf.Qwen3Config(head_dim=32, **kw)
-    if arch == "gemma":
-        return tf.GemmaConfig(head_dim=32, **kw)
-    if arch == "gemma2":
-        return tf.Gemma2Config(head_dim=32, **kw)
-    if arch == "gemma3_text":
-        return tf.Gemma3TextConfig(head_dim=32, sliding_window=64, **kw)
-    if arch == "phi3":
-        return tf.Phi3Config(pad_token_id=0, **kw)
-    if arch == "mixtral":
-        return tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kw)
-    raise KeyError(arch)
+    return base(arch, INTERMEDIATE, common=COMMON, head_dim=32, sliding_window=64, num_hidden_layers=layers)
 
 
 def _random_router(kind: dict[str, Any], n_experts: int, hidden: int, act: str, g: torch.Generator) -> dict[str, torch.Tensor]:

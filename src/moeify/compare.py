@@ -45,7 +45,7 @@ FORMAT = 1
 
 def method_entry(name: str) -> tuple[type[MethodConfig], dict[str, Any]]:
     """(method class, fixed options) for a compare name: a method's name, or one of its `variants`."""
-    for cls in _registry().values():
+    for cls in METHODS.values():
         if name == cls.method and not cls.variants:
             return cls, {}
         if name in cls.variants:
@@ -53,14 +53,10 @@ def method_entry(name: str) -> tuple[type[MethodConfig], dict[str, Any]]:
     raise InputError(f"unknown method {name!r} for compare; available: {', '.join(compare_names())}.")
 
 
-def _registry() -> dict[str, type[MethodConfig]]:
-    return dict(METHODS)
-
-
 def compare_names() -> list[str]:
     """Every name compare accepts: methods without variants, and each variant of the others."""
     names = []
-    for cls in _registry().values():
+    for cls in METHODS.values():
         names += list(cls.variants) if cls.variants else [cls.method]
     return names
 

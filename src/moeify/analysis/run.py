@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from ..models.arch import activation_name, decoder_layers, dense_weights, mlp_sites, spec_for
-from ..core.dense import hidden_activations
 from ..core.method import MethodConfig
 from ..blocks.diagnostics import router_fidelity
 from ..errors import InputError
@@ -154,7 +153,7 @@ def _expert_outputs(h: torch.Tensor, down: torch.Tensor, shared: np.ndarray, exp
 
 def _curves(w: GatedWeights, x: torch.Tensor, shared: np.ndarray, experts: list[np.ndarray], scores: torch.Tensor | None, ks: list[int],
             h: torch.Tensor | None = None) -> dict:
-    h = hidden_activations(w, x) if h is None else h
+    h = w.hidden(x) if h is None else h
     down = w.down.float()
     F = h @ down.T
     sh_out, ex_out = _expert_outputs(h, down, shared, experts)
@@ -186,7 +185,7 @@ def analyze_layer(block: MoEMLP, w: GatedWeights, xs: dict[str, torch.Tensor], c
     routed_active = N > 0 and not block.all_active()
     out: dict[str, Any] = {"layer": layer, "shared": int(block.shared_size), "experts": list(block.expert_sizes),
                            "top_k": int(block.top_k) if N else 0, "router": block.router_type, "tokens": int(xh.shape[0])}
-    h = hidden_activations(w, xh)
+    h = w.hidden(xh)
     down = w.down.float()
     F = h @ down.T
     k_act = min(int(getattr(cfg, "k_act", 10) or 10), d_h)

@@ -12,14 +12,6 @@ import torch
 from .moe import MoEMLP
 
 
-@torch.no_grad()
-def expert_output_norms(block: MoEMLP, x: torch.Tensor) -> torch.Tensor:
-    """||E_j(x)|| for every routed expert: [T, N] float32 (one matmul pair per expert)."""
-    x = x.reshape(-1, block.hidden_size)
-    norms = [block.expert_forward(x, e).float().norm(dim=-1) for e in range(block.num_experts)]
-    return torch.stack(norms, dim=-1) if norms else x.new_zeros(x.shape[0], 0, dtype=torch.float32)
-
-
 def topk_overlap(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Per-token |a ∩ b| / k for two [T, k] index sets."""
     ma = torch.zeros(a.shape[0], num_experts, dtype=torch.bool, device=a.device).scatter_(1, a, True)

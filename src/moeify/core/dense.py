@@ -63,11 +63,6 @@ class GatedWeights:
         return (activation(self.act)(x @ self.gate.T) * (x @ self.up.T)) @ self.down.T
 
 
-def hidden_activations(w: GatedWeights, x: torch.Tensor) -> torch.Tensor:
-    """h [T, d_h] float32 (see GatedWeights.hidden)."""
-    return w.hidden(x)
-
-
 def check_finite(x: torch.Tensor, layer: int, what: str) -> None:
     """Refuse NaN/inf in calibration activations with a message that says what to try."""
     if not torch.isfinite(x).all():

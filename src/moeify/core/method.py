@@ -23,6 +23,7 @@ dataclass fields (help text from each field's `metadata["help"]`).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Callable, ClassVar
 
@@ -68,7 +69,7 @@ class LayerResult:
 
 
 @dataclasses.dataclass
-class MethodConfig:
+class MethodConfig(abc.ABC):
     """Base of all methods (see the module docstring for the protocol)."""
 
     method: ClassVar[str] = ""
@@ -95,8 +96,9 @@ class MethodConfig:
         """(calibration to run, run state for `plan`); the default runs the calibration as given, no state."""
         return calibration, None
 
+    @abc.abstractmethod
     def plan(self, weights, x: torch.Tensor | None, layer: int, state: Any = None) -> LayerResult:
-        raise NotImplementedError(f"method {self.method!r} does not implement plan()")
+        """The method itself, for one dense MLP (every method defines it; the base class cannot be instantiated)."""
 
     @classmethod
     def for_fraction(cls, fraction: float, **opts) -> "MethodConfig":

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.dense import GatedWeights, activation, check_finite_output, hidden_activations
+from ..core.dense import GatedWeights, activation, check_finite_output
 from ..core.layout import Layout, check_layout_fits, parse_layout
 from ..core.method import LayerResult, multiple_of, option, positive_int
 from ..core.plan import LayerPlan
@@ -233,7 +233,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     lay = cfg.lay
     n_shared, sizes = lay.sizes(d_h)
     N = len(sizes)
-    h = hidden_activations(w, x)
+    h = w.hidden(x)
     down = w.down.float()
     down_norm = down.norm(dim=0)  # ||W_down[:, i]||
     k_act = min(cfg.k_act, d_h)
@@ -357,7 +357,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     del h, parts
 
     def heldout(xh: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        hh = hidden_activations(w, xh)
+        hh = w.hidden(xh)
         ph = _parts(hh, down, shared, experts)
         F = ph.dense()
         keep_r = topk_mask(scores_of(hh, xh), lay.active)

@@ -30,7 +30,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from ..core.dense import GatedWeights, hidden_activations
+from ..core.dense import GatedWeights
 from ..core.layout import Layout
 from ..core.method import LayerResult, option, positive_int
 from ..core.plan import LayerPlan
@@ -85,7 +85,7 @@ def plan_llama_moe(w: GatedWeights, x: torch.Tensor, cfg: LlamaMoEConfig, layer:
     if x.shape[0] < 1:
         raise InputError(f"layer {layer}: no calibration tokens reached this MLP.")
     experts, iters = split_neurons(w, cfg, layer)
-    h = hidden_activations(w, x)
+    h = w.hidden(x)
     if cfg.router == "analytical":
         router, state = analytical_router_for(w, h, experts, cfg.router_neurons)
     elif cfg.router == "mlp" and cfg.active < cfg.experts:

@@ -29,7 +29,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from ..core.dense import GatedWeights, hidden_activations
+from ..core.dense import GatedWeights
 from ..core.method import LayerResult
 from ..core.plan import LayerPlan
 from ..errors import InputError
@@ -59,7 +59,7 @@ def plan_moefication(w: GatedWeights, x: torch.Tensor, cfg: MoEficationConfig, l
         raise InputError(f"layer {layer}: no calibration tokens reached this MLP.")
     rows = torch.nn.functional.normalize(w.gate.float(), dim=-1)
     experts, iters = cluster_rows(rows, cfg.experts, cfg.seed, layer, cfg.max_iters)
-    h = hidden_activations(w, x)
+    h = w.hidden(x)
     if cfg.router == "mlp" and cfg.active < cfg.experts:
         router, state = mlp_router_for(x, h, experts, cfg.active, cfg, layer)
     else:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.dense import GatedWeights, check_finite_output, hidden_activations
+from ..core.dense import GatedWeights, check_finite_output
 from ..core.layout import check_layout_fits, parse_layout
 from ..core.method import LayerResult, option, positive_int
 from ..core.plan import LayerPlan
@@ -59,7 +59,7 @@ class PruneConfig(LayoutConfig):
 
     def plan(self, w: GatedWeights, x: torch.Tensor, layer: int, state=None) -> LayerResult:
         d_h = w.intermediate_size
-        h = hidden_activations(w, x.reshape(-1, w.hidden_size))
+        h = w.hidden(x.reshape(-1, w.hidden_size))
         down = w.down.float()
         dense_y = h @ down.T
         check_finite_output(dense_y, layer)
@@ -75,7 +75,7 @@ class PruneConfig(LayoutConfig):
                                 "calibration_error": float((dense_y - y).norm() / dense_y.norm().clamp_min(1e-30))}
 
         def heldout(xh: torch.Tensor):
-            hh = hidden_activations(w, xh)
+            hh = w.hidden(xh)
             F, yh = hh @ down.T, hh[:, kt] @ down[:, kt].T
             return yh, {"rel_error_router": float((F - yh).norm() / F.norm().clamp_min(1e-30)), "tokens": int(xh.shape[0])}
 

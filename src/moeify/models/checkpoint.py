@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..core.files import atomic_dir, prepare_output
+from .modeling import classes_for, model_card, save
 from ..data.assets import DEFAULT_ALIASES
 from ..errors import InputError
 
@@ -97,6 +98,7 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
         cfg = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
     elif p.exists():
         check_weights(p)
+        _register_moeify_type(p)
         cfg = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     else:
         _check_hub_model(str(name_or_path))  # seconds, not half a minute of retries, when the hub is unreachable
@@ -109,6 +111,16 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
             ) from None
     check_config_supported(cfg)
     return cfg
+
+
+def _register_moeify_type(folder: Path) -> None:
+    """moeify_<x> classes for a checkpoint of an architecture moeify only auto-detects (built from x's Auto classes)."""
+    try:
+        mt = str(json.loads((folder / "config.json").read_text()).get("model_type", ""))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # AutoConfig reports an unreadable config.json
+    if mt.startswith("moeify_"):
+        classes_for(mt[len("moeify_"):])
 
 
 # --------------------------------------------------------------------------- checks before any weight is read
@@ -233,60 +245,6 @@ def load_model(
         model.name_or_path = path
     model._moeify_origin = str(name_or_path) if name_or_path is not None else DEFAULT_ALIASES[-1]
     return model, tok
-
-
-def model_card(model) -> str:
-    m = model.config.moeify
-    s = m.get("summary", {})
-    prov = m.get("provenance", {})
-    base = prov.get("base_model")
-    lines = ["---", "library_name: transformers", "tags: [moeify, mixture-of-experts]"]
-    if base:
-        lines.append(f"base_model: {base}")
-    lines += [
-        "---",
-        "",
-        f"# {base or 'A model'} converted to MoE with moeify ({m['method']})",
-        "",
-        "Reload with `import moeify` then `AutoModelForCausalLM.from_pretrained(path)` (no remote code).",
-        "",
-        f"- method config: `{m['config']}`",
-        f"- active MLP fraction per token: {s.get('active_mlp_fraction', float('nan')):.4f}",
-        f"- MLP parameters removed: {s.get('mlp_params_removed_fraction', float('nan')):.4f}",
-        f"- conversion time: {s.get('seconds', float('nan')):.2f} s",
-        f"- moeify {prov.get('moeify_version')}, transformers {prov.get('transformers_version')}, torch {prov.get('torch_version')}",
-    ]
-    metrics = m.get("metrics") or {}
-    for name, r in (metrics.get("ppl") or {}).items():
-        lines += [
-            "",
-            f"## Perplexity ({name}, {r.get('protocol', '')}, {r.get('windows')} windows, {r.get('tokens')} tokens)",
-            "",
-            "| model | perplexity |",
-            "|---|---|",
-            f"| dense baseline | {r['baseline']:.4f} |",
-            f"| converted | {r['model']:.4f} |",
-            f"| ratio | {r['ratio']:.5f} |",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def save(model, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False, max_shard_size: str = "2GB") -> Path:
-    """Write a converted model atomically: safetensors, config with the moeify block, tokenizer, model card."""
-    if not hasattr(model.config, "moeify"):
-        raise InputError("this model was not converted by moeify; call moeify.convert first.")
-    tok = tokenizer if tokenizer is not None else getattr(model, "_moeify_tokenizer", None)
-    base = super(type(model), model)  # the base architecture's own save_pretrained
-
-    def write(tmp: Path) -> None:
-        base.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        if tok is not None:
-            tok.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(model_card(model))
-
-    out = atomic_dir(Path(out), write, overwrite)
-    log.info("saved %s", out)
-    return out
 
 
 def load(path: str | os.PathLike, *, dtype: str | torch.dtype = "float32"):

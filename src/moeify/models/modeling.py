@@ -10,13 +10,16 @@ reloads a converted checkpoint with no remote code.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .arch import ARCHITECTURES, DENSE_TYPES, MOE_TYPES, activation_name, mlp_sites, spec_for
-from ..errors import InputError
 from ..blocks.moe import FORMAT_VERSION, MoEMLP
+from ..core.files import atomic_dir
+from ..errors import InputError
+from .arch import ARCHITECTURES, DENSE_TYPES, MOE_TYPES, activation_name, mlp_sites, spec_for
 
 log = logging.getLogger("moeify")
 
@@ -71,7 +74,8 @@ def _base_classes(model_type: str, base: tuple[type, type] | None) -> tuple[type
             f"transformers' Auto classes do not know the architecture {model_type!r}, so moeify cannot build "
             f"moeify_{model_type} from it: register its config and CausalLM classes first "
             f"(AutoConfig.register({model_type!r}, MyConfig); AutoModelForCausalLM.register(MyConfig, MyForCausalLM)), "
-            f"then call moeify.models.modeling.classes_for({model_type!r}) before reloading a moeify_{model_type} checkpoint."
+            f"then reload the moeify_{model_type} checkpoint with moeify.load (or call moeify.models.modeling.classes_for({model_type!r}) "
+            "before AutoModelForCausalLM.from_pretrained)."
         ) from None
 
 
@@ -88,8 +92,6 @@ def _make_classes(model_type: str, base: tuple[type, type] | None = None) -> tup
 
     def save_pretrained(self, save_directory, *, overwrite: bool = False, tokenizer=None, **kwargs):
         """Atomic save with tokenizer and model card; refuses an existing output unless overwrite=True."""
-        from .checkpoint import save
-
         return save(self, save_directory, tokenizer=tokenizer, overwrite=overwrite, **kwargs)
 
     model_cls = type(
@@ -159,3 +161,60 @@ def as_moeify_model(model, moeify_cfg: dict[str, Any]):
     model.config = cfg
     model.__class__ = model_cls
     return model
+
+
+# --------------------------------------------------------------------------- saving (the classes' save_pretrained)
+
+
+def model_card(model) -> str:
+    m = model.config.moeify
+    s = m.get("summary", {})
+    prov = m.get("provenance", {})
+    base = prov.get("base_model")
+    lines = ["---", "library_name: transformers", "tags: [moeify, mixture-of-experts]"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines += [
+        "---",
+        "",
+        f"# {base or 'A model'} converted to MoE with moeify ({m['method']})",
+        "",
+        "Reload with `import moeify` then `AutoModelForCausalLM.from_pretrained(path)` (no remote code).",
+        "",
+        f"- method config: `{m['config']}`",
+        f"- active MLP fraction per token: {s.get('active_mlp_fraction', float('nan')):.4f}",
+        f"- MLP parameters removed: {s.get('mlp_params_removed_fraction', float('nan')):.4f}",
+        f"- conversion time: {s.get('seconds', float('nan')):.2f} s",
+        f"- moeify {prov.get('moeify_version')}, transformers {prov.get('transformers_version')}, torch {prov.get('torch_version')}",
+    ]
+    metrics = m.get("metrics") or {}
+    for name, r in (metrics.get("ppl") or {}).items():
+        lines += [
+            "",
+            f"## Perplexity ({name}, {r.get('protocol', '')}, {r.get('windows')} windows, {r.get('tokens')} tokens)",
+            "",
+            "| model | perplexity |",
+            "|---|---|",
+            f"| dense baseline | {r['baseline']:.4f} |",
+            f"| converted | {r['model']:.4f} |",
+            f"| ratio | {r['ratio']:.5f} |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def save(model, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False, max_shard_size: str = "2GB") -> Path:
+    """Write a converted model atomically: safetensors, config with the moeify block, tokenizer, model card."""
+    if not hasattr(model.config, "moeify"):
+        raise InputError("this model was not converted by moeify; call moeify.convert first.")
+    tok = tokenizer if tokenizer is not None else getattr(model, "_moeify_tokenizer", None)
+    base = super(type(model), model)  # the base architecture's own save_pretrained
+
+    def write(tmp: Path) -> None:
+        base.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        if tok is not None:
+            tok.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(model_card(model))
+
+    out = atomic_dir(Path(out), write, overwrite)
+    log.info("saved %s", out)
+    return out

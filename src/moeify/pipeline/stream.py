@@ -93,11 +93,12 @@ class LayerStream:
     def step(self, layer: nn.Module, index: int, record: nn.Module | None = None) -> torch.Tensor | None:
         """Move the stream through the layer as it is; with `record`, return the inputs that module saw [T, H]."""
         store: list[torch.Tensor] = []
-        hook = None
-        if record is not None:
-            hook = record.register_forward_pre_hook(
-                lambda m, a, kw: store.append((a[0] if a else kw["hidden_states"]).detach().reshape(-1, (a[0] if a else kw["hidden_states"]).shape[-1])),
-                with_kwargs=True)
+
+        def keep(module, args, kwargs) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            store.append(x.detach().reshape(-1, x.shape[-1]))
+
+        hook = record.register_forward_pre_hook(keep, with_kwargs=True) if record is not None else None
         try:
             outs = self.run_layer(layer, index)
         finally:

@@ -15,22 +15,15 @@ Importing this package imports nothing from vLLM; `import moeify` never imports 
 
 from __future__ import annotations
 
-# moeify's architecture name (config.json "architectures") -> (vLLM module, vLLM class) of the base model
-BASES: dict[str, tuple[str, str]] = {
-    "MoeifyLlamaForCausalLM": ("vllm.model_executor.models.llama", "LlamaForCausalLM"),
-    "MoeifyMistralForCausalLM": ("vllm.model_executor.models.mistral", "MistralForCausalLM"),
-    "MoeifyQwen2ForCausalLM": ("vllm.model_executor.models.qwen2", "Qwen2ForCausalLM"),
-    "MoeifyQwen3ForCausalLM": ("vllm.model_executor.models.qwen3", "Qwen3ForCausalLM"),
-    "MoeifyGemmaForCausalLM": ("vllm.model_executor.models.gemma", "GemmaForCausalLM"),
-    "MoeifyGemma2ForCausalLM": ("vllm.model_executor.models.gemma2", "Gemma2ForCausalLM"),
-    "MoeifyGemma3ForCausalLM": ("vllm.model_executor.models.gemma3", "Gemma3ForCausalLM"),
-    "MoeifyPhi3ForCausalLM": ("vllm.model_executor.models.phi3", "Phi3ForCausalLM"),
+# vLLM module and CausalLM class of each base architecture moeify serves; moeify's class is "Moeify" + the base's name
+_BASE_MODELS = [
+    ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+    ("gemma", "GemmaForCausalLM"), ("gemma2", "Gemma2ForCausalLM"), ("gemma3", "Gemma3ForCausalLM"), ("phi3", "Phi3ForCausalLM"),
     # MoE base models: served as long as no layer holds a (hierarchical) moeify block, refused otherwise
-    "MoeifyMixtralForCausalLM": ("vllm.model_executor.models.mixtral", "MixtralForCausalLM"),
-    "MoeifyQwen2MoeForCausalLM": ("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM"),
-    "MoeifyQwen3MoeForCausalLM": ("vllm.model_executor.models.qwen3_moe", "Qwen3MoeForCausalLM"),
-    "MoeifyOlmoeForCausalLM": ("vllm.model_executor.models.olmoe", "OlmoeForCausalLM"),
-}
+    ("mixtral", "MixtralForCausalLM"), ("qwen2_moe", "Qwen2MoeForCausalLM"), ("qwen3_moe", "Qwen3MoeForCausalLM"), ("olmoe", "OlmoeForCausalLM"),
+]
+# moeify's architecture name (config.json "architectures") -> (vLLM module, vLLM class) of the base model
+BASES: dict[str, tuple[str, str]] = {f"Moeify{cls}": (f"vllm.model_executor.models.{module}", cls) for module, cls in _BASE_MODELS}
 
 
 def register() -> None:
