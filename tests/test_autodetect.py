@@ -95,7 +95,15 @@ def test_type_unknown_to_the_auto_classes_converts_saves_and_reloads(tmp_path, p
         assert torch.equal(re(probe_ids).logits, ref)
 
 
-def test_fresh_process_reloads_after_registering_the_base_type(my_llama_registered, tmp_path, probe_ids):
+RELOADS = {
+    # AutoModelForCausalLM needs moeify_<type>'s classes built first; moeify.load builds them from config.json itself
+    "auto_classes": 'from moeify.models.modeling import classes_for\nclasses_for("my_llama")\nmodel = AutoModelForCausalLM.from_pretrained({out!r})',
+    "moeify_load": "model, _ = moeify.load_model({out!r}, with_tokenizer=False)",
+}
+
+
+@pytest.mark.parametrize("reload", list(RELOADS))
+def test_fresh_process_reloads_after_registering_the_base_type(my_llama_registered, tmp_path, probe_ids, reload):
     conv = moeify.convert(_tiny(MyLlamaConfig, MyLlamaForCausalLM, seed=3), moeify.MLPMoEConfig(branches=2), progress=False)
     with torch.no_grad():
         torch.save({"ids": probe_ids, "logits": conv(probe_ids).logits}, tmp_path / "ref.pt")
@@ -104,7 +112,6 @@ def test_fresh_process_reloads_after_registering_the_base_type(my_llama_register
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
         import moeify
-        from moeify.models.modeling import classes_for
 
         class MyLlamaConfig(LlamaConfig):
             model_type = "my_llama"
@@ -114,9 +121,8 @@ def test_fresh_process_reloads_after_registering_the_base_type(my_llama_register
 
         AutoConfig.register("my_llama", MyLlamaConfig)
         AutoModelForCausalLM.register(MyLlamaConfig, MyLlamaForCausalLM)
-        classes_for("my_llama")
         ref = torch.load({str(tmp_path / "ref.pt")!r})
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+    """) + RELOADS[reload].format(out=str(out)) + textwrap.dedent("""
         with torch.no_grad():
             assert torch.equal(model(ref["ids"]).logits, ref["logits"])
         print("reloaded", type(model).__name__)
@@ -132,33 +138,3 @@ def test_fresh_process_without_the_base_type_gets_a_clear_message():
 
     with pytest.raises(InputError, match=r"register its config.*AutoConfig.register\('never_heard_of_it'"):
         classes_for("never_heard_of_it")
-
-
-def test_fresh_process_moeify_load_builds_the_classes_itself(my_llama_registered, tmp_path, probe_ids):
-    """moeify.load reads config.json's moeify_<type> and builds its classes from the registered base type."""
-    conv = moeify.convert(_tiny(MyLlamaConfig, MyLlamaForCausalLM, seed=4), moeify.MLPMoEConfig(branches=2), progress=False)
-    with torch.no_grad():
-        torch.save({"ids": probe_ids, "logits": conv(probe_ids).logits}, tmp_path / "ref.pt")
-    out = conv.save_pretrained(tmp_path / "ckpt")
-    script = textwrap.dedent(f"""
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-        import moeify
-
-        class MyLlamaConfig(LlamaConfig):
-            model_type = "my_llama"
-
-        class MyLlamaForCausalLM(LlamaForCausalLM):
-            config_class = MyLlamaConfig
-
-        AutoConfig.register("my_llama", MyLlamaConfig)
-        AutoModelForCausalLM.register(MyLlamaConfig, MyLlamaForCausalLM)
-        ref = torch.load({str(tmp_path / "ref.pt")!r})
-        model, _ = moeify.load_model({str(out)!r}, with_tokenizer=False)
-        with torch.no_grad():
-            assert torch.equal(model(ref["ids"]).logits, ref["logits"])
-        print("reloaded", type(model).__name__)
-    """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "reloaded MoeifyMyLlamaForCausalLM" in r.stdout
