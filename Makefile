@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 MOEIFY  = $(VENV)/bin/moeify
 OUT    ?= out
 
-.PHONY: setup demo test test-unit bench-mlpmoe bench-cmoe bench-speed clean
+.PHONY: setup demo test test-main test-unit bench-mlpmoe bench-cmoe bench-speed clean
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,10 @@ demo: setup
 	$(MOEIFY) pull
 	$(MOEIFY) convert --method mlpmoe --branches 8 -o $(OUT)/smollm2-mlpmoe-b8 --overwrite --json $(OUT)/smollm2-mlpmoe-b8.json
 
-test: setup
+# everything CI runs: the main suite, then the vLLM serving tests in their own venv
+test: test-main test-vllm
+
+test-main: setup
 	$(MOEIFY) pull
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 900
 

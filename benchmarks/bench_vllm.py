@@ -40,9 +40,10 @@ PREFILL = (4, 512)
 
 def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.rstrip("\n")  # keep leading spaces: `git status --porcelain` lines start with a status column
 
 
 def run_info(args) -> dict:
@@ -137,6 +138,8 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     import numpy as np
 
+    from moeify.data.assets import model_provenance
+
     moe = Path(args.moe)
     if args.dense is None:
         from moeify.data.assets import pull_default_model
@@ -171,6 +174,7 @@ def main() -> None:
     result = {
         "protocol": "vllm-speed-v1",
         "run": info,
+        "model_provenance": model_provenance(args.dense),
         "models": {"dense": args.dense, "moe": str(moe),
                    "moe_layers": json.loads((moe / "config.json").read_text()).get("moeify", {}).get("layers", [None])[0]},
         "settings": {"dtype": args.dtype, "batches": args.batches, "rounds": args.rounds, "repeats": args.repeats,

@@ -113,7 +113,7 @@ def test_every_source_exists_and_records_its_run(spec, sources):
     text = README.read_text()
     for name, s in spec["sources"].items():
         data = sources[name]
-        commit = (data.get("git_commit") or (data.get("environment") or {}).get("git")
+        commit = (data.get("git_commit") or (data.get("environment") or {}).get("git") or (data.get("run") or {}).get("git_commit")
                   or (data.get("provenance_annotation") or {}).get("last_changed_in_commit"))
         assert commit, f"{s['file']}: no git commit recorded"
         assert s.get("command"), f"{name}: no command"
