@@ -104,6 +104,7 @@ UNIT_ROWS = [
     ("convert", "model-without-weights", ["convert", "{noweights}", "-o", "{out}", "--no-eval"], 2, r"MODEL .*no weights"),
     ("convert", "hub-id-offline", ["convert", "some-org/some-model", "-o", "{out}", "--no-eval"], 2, r"MODEL some-org/some-model: .*hub is not reachable"),
     ("convert", "output-exists", ["convert", "{dense}", "-o", "{exists}", "--no-eval"], 2, r"--output .*already exists.*--overwrite"),
+    ("convert", "refit-data-free", ["convert", "{dense}", "-o", "{out}", "--method", "mlpmoe", "--refit", "--no-eval"], 2, r"--refit needs calibration data.*data-free"),
     ("convert", "output-is-a-file", ["convert", "{dense}", "-o", "{good}", "--no-eval"], 2, r"--output .*is a file"),
     ("convert", "output-missing", ["convert", "{dense}", "--no-eval"], 2, r"Missing option '--output'"),
     ("convert", "json-is-a-folder", ["convert", "{dense}", "-o", "{out}", "--no-eval", "--json", "{dir}"], 2, r"--json .*is a folder"),

@@ -123,6 +123,7 @@ def convert(
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
     opt: Optional[list[str]] = typer.Option(None, "--opt", help="Any method setting as key=value (repeatable), e.g. --opt router_neurons=24."),
     dense_feed: bool = typer.Option(False, "--dense-feed", help="Profile each layer on the dense model's hidden states instead of the converted layers' (the paper's setting)."),
+    refit: bool = typer.Option(False, "--refit", help="Calibrated methods: solve each block's down projections (and compensation) in closed form on the router's selections, ridge chosen on held-out tokens."),
     calib: str = typer.Option("austen", help="Calibration text source: austen | wikitext2 | c4 | FILE | DIR | FILE.jsonl[:field] | hf:NAME[:CONFIG]:SPLIT:COLUMN."),
     samples: int = typer.Option(8, help="Calibration windows."),
     seq_len: int = typer.Option(2048, help="Calibration window length in tokens."),
@@ -149,6 +150,9 @@ def convert(
     if "seed" in {f.name for f in dataclasses.fields(cls)}:
         settings.setdefault("seed", seed)  # --seed seeds the method's own randomness too
     cfg = cls(**settings)
+    if refit and not cfg.needs_calibration:
+        raise InputError(f"--refit needs calibration data, and {cfg.method!r} is data-free: use a calibrated method "
+                         "(cmoe, moefication, llama-moe, expertweaver, prune) or drop --refit.")
     check_dtype(dtype)
     check_positive(samples, "--samples")
     check_positive(seq_len, "--seq-len", minimum=16)
@@ -179,11 +183,12 @@ def convert(
     load_s = time.perf_counter() - t_load
     baseline = copy.deepcopy(dense) if evaluate else None
     dense_params = count_parameters(dense)
-    converted = run_convert(dense, cfg, calibration=calibration, tokenizer=tok)
+    converted = run_convert(dense, cfg, calibration=calibration, tokenizer=tok, refit=refit)
     summary = converted.config.moeify["summary"]
     result: dict[str, Any] = {
         "method": cfg.method,
         "config": cfg.to_dict()["_data"],
+        "refit": refit,
         "model": model_label(model),
         "model_provenance": model_provenance(model),
         "active_mlp_fraction": summary["active_mlp_fraction"],
@@ -225,6 +230,10 @@ def _print_convert(r: dict[str, Any]) -> None:
     for k in ("router_fidelity", "calibration_error"):
         if k in r["summary"]:
             t.add_row(k.replace("_", " "), "", f"{r['summary'][k]:.3f}")
+    if "refit" in r["summary"]:
+        f = r["summary"]["refit"]
+        t.add_row("refit: block error, calibration", "", f"{f['calibration_error_before']:.3f} -> {f['calibration_error_after']:.3f}")
+        t.add_row("refit: block error, held-out", "", f"{f['heldout_error_before']:.3f} -> {f['heldout_error_after']:.3f}")
     t.add_row("conversion time (excl. loading)", "", f"{r['seconds']:.2f} s")
     console.print(t)
     console.print(f"saved to [bold]{r['output']}[/bold]")

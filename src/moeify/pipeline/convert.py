@@ -55,14 +55,23 @@ def convert(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     progress: bool = True,
+    refit: bool = False,
 ) -> torch.nn.Module:
     """Convert the dense MLPs of `model` (a loaded CausalLM, a hub id, a folder or a .gguf) in place.
+
+    refit: calibrated methods only; after planning each MLP, solve its block's down projections
+    (and compensation vectors) in closed form on the router's real selections (pipeline/refit.py),
+    shrunk towards the planned weights with a ridge chosen on the held-out tokens. The checkpoint
+    records `refit` in config.json["moeify"].
 
     Returns the model as moeify's class: save it with `moeify.save(model, dir)` or
     `model.save_pretrained(dir)`; the plan and summary are in `model.config.moeify`.
     """
     if not isinstance(config, MethodConfig):
         raise InputError(f"config must be a moeify method config (e.g. moeify.MLPMoEConfig()), got {type(config).__name__}.")
+    if refit and not config.needs_calibration:
+        raise InputError(f"--refit needs calibration data, and {config.method!r} is data-free: use a calibrated method "
+                         "(cmoe, moefication, llama-moe, expertweaver, prune) or drop --refit.")
     if isinstance(model, (str, os.PathLike)) or model is None:
         path = resolve_model_path(model)
         config.check(config_intermediate_sizes(load_config(path, trust_remote_code=trust_remote_code)))
@@ -88,7 +97,7 @@ def convert(
     if config.needs_calibration:
         from .sequential import convert_sequential
 
-        plans, extra = convert_sequential(model, config, calibration, state, tokenizer=tokenizer, progress=progress)
+        plans, extra = convert_sequential(model, config, calibration, state, tokenizer=tokenizer, progress=progress, refit=refit)
     else:
         plans, extra = _convert_weights_only(model, config, sites, spec, act, progress)
     seconds = time.perf_counter() - t0
@@ -103,6 +112,7 @@ def convert(
         "method": config.method,
         "config": config.to_dict(),
         "layers": [p.to_config() if p is not None else None for p in plans],
+        **({"refit": extra.get("refit", {"layers": 0})} if refit else {}),
         "summary": summary,
         "provenance": {
             "base_model": str(origin) if origin else None,

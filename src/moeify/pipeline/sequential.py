@@ -39,6 +39,7 @@ from ..core.plan import LayerPlan
 from ..models.arch import activation_name, decoder_layers, dense_weights, expert_weights, mlp_sites, spec_for
 from .hierarchical import convert_moe_block, convert_moeify_block
 from .layer import plan_layer
+from .refit import refit_block, refittable
 from .stream import LayerStream
 
 log = logging.getLogger("moeify")
@@ -57,35 +58,41 @@ def _sizes(caps: list[tuple]) -> list[int]:
     return [c[0].shape[0] for c in caps]
 
 
-def _convert_dense(site, caps, spec, act, config, state, sequential) -> _SiteResult:
+def _convert_dense(site, caps, spec, act, config, state, sequential, h_caps=None, refit=False) -> _SiteResult:
     i = site.layer
     x = torch.cat([c[0] for c in caps])
     check_finite(x, i, "MLP inputs")
     w = dense_weights(site.module, spec, act)
     res, block = plan_layer(config, w, x, i, state)
-    y = res.output if res.output is not None else block(x)
-    feed = y if sequential or res.dense_output is None else res.dense_output
     stats = {"layer": i, **res.info, "shared": res.plan.shared.size, "experts": res.plan.expert_sizes, "top_k": res.plan.top_k}
+    refit_done = refit and refittable(block)
+    if refit_done:  # the output-side weights solved in closed form on the router's real selections (refit.py)
+        xh = torch.cat([c[0] for c in h_caps]) if h_caps else None
+        stats["refit"] = refit_block(block, x, w, xh)
+        stats["calibration_error"] = stats["refit"]["calibration_error_after"]
+    y = res.output if res.output is not None and not refit_done else block(x)
+    feed = y if sequential or res.dense_output is None else res.dense_output
 
     def heldout(h_caps):
         xh = torch.cat([c[0] for c in h_caps])
-        if res.heldout is not None:
+        if res.heldout is not None and not refit_done:
             yh, fid = res.heldout(xh)
-        else:
-            yh, fid = block(xh), router_fidelity(block, xh, dense_from_block(block, xh))
+        else:  # a refit block no longer holds the dense MLP: the reference is the dense weights themselves
+            dense = w(xh).float() if refit_done else dense_from_block(block, xh)
+            yh, fid = block(xh), router_fidelity(block, xh, dense)
         return list(yh.split(_sizes(h_caps))), fid
 
     return _SiteResult(block, res.plan, stats, list(feed.split(_sizes(caps))), heldout)
 
 
-def _convert_moe_block(site, caps, spec, act, config, state, sequential) -> _SiteResult:
+def _convert_moe_block(site, caps, spec, act, config, state, sequential, h_caps=None, refit=False) -> _SiteResult:
     experts_mod = getattr(site.module, spec.experts)
     hier, hplan, stats = convert_moe_block(expert_weights(site.module, spec, act), caps, config, site.layer, state)
     feed = [(hier if sequential else experts_mod)(*c) for c in caps]
     return _SiteResult(hier, hplan, {"layer": site.layer, **stats}, feed, lambda h_caps: ([hier(*c) for c in h_caps], None))
 
 
-def _convert_moeify(site, caps, spec, act, config, state, sequential) -> _SiteResult:
+def _convert_moeify(site, caps, spec, act, config, state, sequential, h_caps=None, refit=False) -> _SiteResult:
     x = torch.cat([c[0] for c in caps])
     check_finite(x, site.layer, "MLP inputs")
     old = site.module
@@ -109,8 +116,11 @@ def _post_norm(layer: nn.Module, spec) -> nn.Module | None:
 
 @torch.no_grad()
 def convert_sequential(model, config: MethodConfig, calibration, state: Any = None, *, tokenizer=None,
-                       progress: bool = True) -> tuple[list[LayerPlan | None], dict[str, Any]]:
+                       progress: bool = True, refit: bool = False) -> tuple[list[LayerPlan | None], dict[str, Any]]:
     """Convert every MLP of `model` in place, layer by layer on calibration activations.
+
+    refit: after planning, solve each routed block's output-side weights in closed form on the
+    router's selections (refit.py; dense MLP sites), the ridge strength chosen on the held-out tokens.
 
     Returns (plans per layer, extra summary: calibration error and router fidelity per layer).
     """
@@ -138,11 +148,12 @@ def convert_sequential(model, config: MethodConfig, calibration, state: Any = No
         post = _post_norm(layer, spec)
         parent, attr = _target(site, spec)
         outs, caps = cal.run_captured(layer, i, parent, attr)
-        done = convert_site(site, caps, spec, act, config, state, calibration.sequential)
+        # the held-out inputs of this MLP (they depend only on the layers before it): the refit chooses its ridge on them
+        h_outs, h_caps = held.run_captured(layer, i, parent, attr) if held is not None else (None, None)
+        done = convert_site(site, caps, spec, act, config, state, calibration.sequential, h_caps, refit)
         setattr(parent, attr, done.module)
         cal.advance(outs, done.feed, post)
         if held is not None:
-            h_outs, h_caps = held.run_captured(layer, i, parent, attr)
             ys, fid = done.heldout(h_caps)
             if fid:
                 done.stats["router_fidelity"] = fid
@@ -171,6 +182,11 @@ def _summary(per_layer: list[dict[str, Any]], calibration, held_ids, t0: float) 
         vals = [s["router_fidelity"][key] for s in per_layer if key in s.get("router_fidelity", {})]
         if vals:
             extra[f"heldout_{key}"] = float(sum(vals) / len(vals))
+    refits = [s["refit"] for s in per_layer if "refit" in s]
+    if refits:
+        extra["refit"] = {"layers": len(refits), "layers_changed": sum(r["lambda"] is not None for r in refits),
+                          **{k: float(sum(r[k] for r in refits) / len(refits)) for k in
+                             ("calibration_error_before", "calibration_error_after", "heldout_error_before", "heldout_error_after")}}
     extra["pipeline_seconds"] = time.perf_counter() - t0
     return extra
 
