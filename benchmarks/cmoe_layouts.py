@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--cmoe-opts", default="{}", help='extra CMoEConfig options as JSON, e.g. \'{"router_neurons": 24}\'')
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    info = run_info(args.model, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+    info = run_info(args.model, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "model"})
 
     dense, tok = moeify.load_model(args.model)
     cal = moeify.Calibration(source="austen", samples=8, seq_len=2048, seed=0)

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="all held-out windows instead of quick")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    info = run_info(args.model, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+    info = run_info(args.model, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "model"})
 
     torch.manual_seed(0)
     dense, tok = moeify.load_model(args.model)

@@ -104,6 +104,14 @@ UNIT_ROWS = [
     ("convert", "model-without-weights", ["convert", "{noweights}", "-o", "{out}", "--no-eval"], 2, r"MODEL .*no weights"),
     ("convert", "hub-id-offline", ["convert", "some-org/some-model", "-o", "{out}", "--no-eval"], 2, r"MODEL some-org/some-model: .*hub is not reachable"),
     ("convert", "output-exists", ["convert", "{dense}", "-o", "{exists}", "--no-eval"], 2, r"--output .*already exists.*--overwrite"),
+    # --- finetune
+    ("finetune", "not-a-moeify-checkpoint", ["finetune", "{dense}", "-o", "{out}", "--text", "{good}", "--no-eval"], 2, r"DIR .* is a dense model, not a moeify checkpoint: run `moeify convert"),
+    ("finetune", "output-exists", ["finetune", "{ckpt}", "-o", "{exists}", "--text", "{good}", "--no-eval"], 2, r"--output .*already exists.*--overwrite"),
+    ("finetune", "bad-what", ["finetune", "{ckpt}", "-o", "{out}", "--what", "gates"], 2, r"--what 'gates' is not something fine-tuning trains"),
+    ("finetune", "lr-zero", ["finetune", "{ckpt}", "-o", "{out}", "--lr", "0"], 2, r"--lr must be a positive number"),
+    ("finetune", "nothing-to-train", ["finetune", "{ckpt}", "-o", "{out}", "--text", "{good}", "--what", "bias", "--no-eval"], 2, r"--what bias: nothing to train"),
+    ("finetune", "text-empty", ["finetune", "{ckpt}", "-o", "{out}", "--text", "{empty}", "--no-eval"], 2, r"--text .*empty"),
+    ("finetune", "text-too-short", ["finetune", "{ckpt}", "-o", "{out}", "--text", "{good}", "--no-eval"], 2, r"--text .* has 3000 tokens \(calibration split\); 64 windows of 512 tokens need at least 32769"),
     ("convert", "refit-data-free", ["convert", "{dense}", "-o", "{out}", "--method", "mlpmoe", "--refit", "--no-eval"], 2, r"--refit needs calibration data.*data-free"),
     ("convert", "output-is-a-file", ["convert", "{dense}", "-o", "{good}", "--no-eval"], 2, r"--output .*is a file"),
     ("convert", "output-missing", ["convert", "{dense}", "--no-eval"], 2, r"Missing option '--output'"),
@@ -267,7 +275,7 @@ def test_the_table_covers_every_command():
     from typer.main import get_command
 
     commands = set(get_command(the_app).commands)
-    assert commands == {"convert", "eval", "compare", "analyze", "report", "bench", "pull", "methods"}
+    assert commands == {"convert", "eval", "compare", "analyze", "report", "bench", "pull", "methods", "finetune"}
     assert commands <= {r[0] for r in UNIT_ROWS}
 
 

@@ -22,7 +22,7 @@ LAYERS = {
     "models": 4,
     "methods": 5,
     "pipeline": 6,
-    "eval": 7, "bench": 7, "analysis": 7, "report": 7, "compare": 7, "vllm": 7,
+    "eval": 7, "bench": 7, "analysis": 7, "report": 7, "compare": 7, "vllm": 7, "finetuning": 7,
     "cli": 8,
 }
 

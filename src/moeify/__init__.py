@@ -24,6 +24,7 @@ from .blocks.moe import MoEMLP  # noqa: E402
 from .core.method import LayerResult, MethodConfig, config_for, method_names  # noqa: E402
 from .core.plan import LayerPlan  # noqa: E402
 from .data.calibration import Calibration  # noqa: E402
+from .finetuning import FinetuneConfig, finetune  # noqa: E402
 from .methods import CMoEConfig, ExpertWeaverConfig, LlamaMoEConfig, MLPMoEConfig, MoEficationConfig, PruneConfig  # noqa: E402
 from .models.checkpoint import load, load_model, save  # noqa: E402
 from .pipeline.convert import convert  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "CMoEConfig",
     "Calibration",
     "ExpertWeaverConfig",
+    "FinetuneConfig",
     "InputError",
     "LayerPlan",
     "LayerResult",
@@ -45,6 +47,7 @@ __all__ = [
     "PruneConfig",
     "config_for",
     "convert",
+    "finetune",
     "load",
     "load_model",
     "method_names",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import analyze, bench, commands, compare  # noqa: F401  (each registers its commands on `app`)
+from . import analyze, bench, commands, compare, finetune  # noqa: F401  (each registers its commands on `app`)
 from .app import app, err
 
 

@@ -1,0 +1,456 @@
+"""Light fine-tuning (moeify.finetune, `moeify finetune`) on a tiny CMoE-converted Llama with a word-level tokenizer.
+
+Every expected value is computed here from the model, the windows and the rules of docs/methods.md
+("Light fine-tuning"), never read back from the code under test.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import moeify
+from moeify.blocks.moe import MoEMLP
+from moeify.cli.app import app
+from moeify.errors import InputError
+from moeify.finetuning import FinetuneConfig, check_no_overlap, finetune
+
+from .conftest import save_tiny_llama
+
+ft_module = importlib.import_module("moeify.finetuning")
+runner = CliRunner()
+
+
+def _language(n: int, seed: int) -> str:
+    """Words w0..w119 from a small Markov chain: text a tiny model can learn something from."""
+    r = random.Random(seed)
+    out, w = [], 0
+    for _ in range(n):
+        w = (w * 7 + r.choice([1, 2, 3, 5])) % 120
+        out.append(f"w{w}")
+    return " ".join(out)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    dense = save_tiny_llama(root / "dense")
+    (root / "train.txt").write_text(_language(12000, 1))
+    (root / "eval.txt").write_text(_language(2100, 2))  # one perplexity window of 2048 tokens
+    cal = moeify.Calibration(source=str(root / "train.txt"), samples=4, seq_len=64)
+    conv = moeify.convert(str(dense), moeify.CMoEConfig(layout="S1A2E6", router_neurons=3), calibration=cal, progress=False)
+    conv.save_pretrained(root / "cmoe")
+    static = moeify.convert(str(dense), moeify.MLPMoEConfig(branches=4), progress=False)  # all experts active: nothing routes
+    static.save_pretrained(root / "static")
+    return {"root": root, "dense": str(dense), "cmoe": str(root / "cmoe"), "static": str(root / "static"),
+            "train": str(root / "train.txt"), "eval": str(root / "eval.txt")}
+
+
+def _cfg(world, **kw) -> FinetuneConfig:
+    base = {"text": world["train"], "samples": 8, "seq_len": 64, "batch_size": 4, "steps": 3, "ppl": world["eval"], "evaluate": False}
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _blocks(model) -> dict[int, MoEMLP]:
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoEMLP)}
+
+
+def _windows(world, cfg: FinetuneConfig) -> torch.Tensor:
+    from moeify.data.texts import load_token_ids, sample_windows
+    from moeify.models.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(world["cmoe"])
+    return sample_windows(load_token_ids(tok, cfg.text, "calibration"), cfg.samples, cfg.seq_len, cfg.seed)
+
+
+def _ids(n=2, L=24, seed=5):
+    return torch.randint(0, 120, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- u, b, LoRA, determinism, loss
+
+
+def test_u_moves_from_zero_and_the_reloaded_model_has_it(world, tmp_path):
+    before = _load(world["cmoe"])
+    assert all(b.gate_u is None and b.layer_config["gate"] == "unit" for b in _blocks(before).values())
+    model, _ = finetune(world["cmoe"], _cfg(world, what="scale", scale_lr=1e-2, steps=4), progress=False)
+    blocks = _blocks(model)
+    assert len(blocks) == 2
+    for b in blocks.values():
+        assert b.gate_u is not None and b.gate_u.abs().max() > 1e-3  # Adam moves each u by ~scale_lr per step with a gradient
+    assert all(lc["gate"] == "cmoe" for lc in model.config.moeify["layers"])
+    model.save_pretrained(tmp_path / "u")
+    back = _load(tmp_path / "u")
+    assert all(lc["gate"] == "cmoe" for lc in back.config.moeify["layers"])
+    for i, b in _blocks(back).items():
+        assert torch.equal(b.gate_u, blocks[i].gate_u)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=0, rtol=0)
+        assert (back(ids).logits - before(ids).logits).abs().max() > 1e-6  # u changed the outputs
+
+
+def test_selection_bias_follows_the_sign_rule_and_survives_reload(world, tmp_path):
+    gamma = 0.25
+    cfg = _cfg(world, what="bias", steps=1, batch_size=8, bias_gamma=gamma)  # one step over all 8 windows; no gradients
+    original = _load(world["cmoe"])
+    windows = _windows(world, cfg)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+             for i, b in _blocks(original).items()]
+    with torch.no_grad():
+        original(windows)
+    for h in hooks:
+        h.remove()
+    expected = {}
+    for i, b in _blocks(original).items():
+        assert torch.equal(b.selection_bias, torch.zeros_like(b.selection_bias))
+        with torch.no_grad():
+            scores = b.router(inputs[i]).float()
+        load = torch.bincount(scores.topk(b.top_k, dim=-1).indices.reshape(-1), minlength=b.num_experts).float()
+        assert load.sum() == windows.numel() * b.top_k
+        # towards equal load: over-loaded experts down by gamma, under-loaded up by gamma
+        expected[i] = torch.where(load > load.mean(), -gamma, torch.where(load < load.mean(), gamma, 0.0))
+        assert (expected[i] != 0).any()
+    model, report = finetune(world["cmoe"], cfg, progress=False)
+    assert report["steps"] == 1
+    for i, b in _blocks(model).items():
+        torch.testing.assert_close(b.selection_bias, expected[i], atol=0, rtol=0)
+    model.save_pretrained(tmp_path / "b")
+    for i, b in _blocks(_load(tmp_path / "b")).items():
+        torch.testing.assert_close(b.selection_bias, expected[i], atol=0, rtol=0)
+
+
+def test_merged_lora_output_reloads_with_identical_logits(world, tmp_path):
+    from safetensors.torch import load_file
+
+    original = _load(world["cmoe"])
+    model, _ = finetune(world["cmoe"], _cfg(world, lr=1e-2, steps=3), progress=False)
+    assert not any("lora" in k or "base_layer" in k for k in model.state_dict())
+    assert type(model.model.layers[0].mlp) is MoEMLP and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight",
+                 "model.layers.0.mlp.gate_up", "model.layers.1.mlp.down", "model.layers.0.mlp.shared_gate_up"):
+        assert not torch.equal(model.state_dict()[name], original.state_dict()[name]), name  # LoRA was merged into it
+    assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)  # not a LoRA target
+    assert all(b.gate_u.abs().max() > 0 for b in _blocks(model).values())  # u trains next to the adapters (peft froze it in CMoE's code)
+    model.save_pretrained(tmp_path / "m")
+    saved = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert not any("lora" in k for k in saved)
+    back = _load(tmp_path / "m")
+    assert set(back.state_dict()) == set(model.state_dict())
+    ids = _ids()
+    with torch.no_grad():
+        for kernel in ("auto", "reference"):
+            moeify.kernels.use(back, kernel)
+            moeify.kernels.use(model, kernel)
+            torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=0, rtol=0)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())["moeify"]
+    assert cfg["method"] == "cmoe" and cfg["config"]["_data"]["layout"] == "S1A2E6"  # the conversion's record is kept
+    assert cfg["finetune"]["settings"]["what"] == ["bias", "lora", "scale"] and cfg["finetune"]["steps"] == 3
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(world):
+    a, _ = finetune(world["cmoe"], _cfg(world, lr=1e-2, steps=2), progress=False)
+    b, _ = finetune(world["cmoe"], _cfg(world, lr=1e-2, steps=2), progress=False)
+    c, _ = finetune(world["cmoe"], _cfg(world, lr=1e-2, steps=2, seed=1), progress=False)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@torch.no_grad()
+def _mean_loss(model, windows) -> float:
+    return float(model(input_ids=windows, labels=windows).loss)
+
+
+def test_training_loss_on_the_training_windows_goes_down(world):
+    cfg = _cfg(world, what="lora,scale", lr=5e-3, scale_lr=1e-2, steps=8)
+    windows = _windows(world, cfg)
+    before = _mean_loss(_load(world["cmoe"]), windows)
+    model, report = finetune(world["cmoe"], cfg, progress=False)
+    after = _mean_loss(model, windows)
+    assert after < before - 0.01, (before, after)
+    assert report["tokens"] == 8 * 4 * 64
+
+
+def test_router_trains_when_asked(world):
+    original = _load(world["cmoe"])
+    model, _ = finetune(world["cmoe"], _cfg(world, what="scale,router", lr=1e-2, scale_lr=1e-2), progress=False)
+    for i, b in _blocks(model).items():
+        old = dict(_blocks(original)[i].router.named_parameters())
+        assert any(not torch.equal(p, old[n]) for n, p in b.router.named_parameters())
+    frozen = _blocks(finetune(world["cmoe"], _cfg(world, what="scale", scale_lr=1e-2), progress=False)[0])
+    for i, b in frozen.items():
+        old = dict(_blocks(original)[i].router.named_parameters())
+        assert all(torch.equal(p, old[n]) for n, p in b.router.named_parameters())
+
+
+def test_report_has_perplexity_before_after_and_dense(world):
+    from moeify.data.texts import perplexity_windows
+    from moeify.eval.perplexity import perplexity
+    from moeify.models.checkpoint import load_tokenizer
+
+    model, report = finetune(world["cmoe"], _cfg(world, evaluate=True, steps=2, lr=1e-2), progress=False)
+    w = perplexity_windows(load_tokenizer(world["cmoe"]), world["eval"])
+    p = report["ppl"]
+    assert p["windows"] == 1 and p["tokens"] == 2047
+    assert p["before"] == pytest.approx(perplexity(_load(world["cmoe"]), w, progress=False)["ppl"], rel=1e-6)
+    assert p["dense"] == pytest.approx(perplexity(_load(world["dense"]), w, progress=False)["ppl"], rel=1e-6)
+    assert p["after"] == pytest.approx(perplexity(model, w, progress=False)["ppl"], rel=1e-6)
+    assert p["after"] != p["before"]
+
+
+# --------------------------------------------------------------------------- local mode
+
+
+def test_local_mode_reduces_each_blocks_error_against_the_dense_mlp(world, tmp_path):
+    dense = _load(world["dense"])
+    original = _load(world["cmoe"])
+    model, report = finetune(world["cmoe"], _cfg(world, local=True, steps=16, lr=1e-3, scale_lr=1e-2), progress=False)
+    assert report["mode"] == "local" and [r["layer"] for r in report["local"]] == [0, 1]
+    # the block's inputs on text it was not trained on, from the fine-tuned model
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+             for i, layer in enumerate(model.model.layers)]
+    from moeify.data.texts import heldout_windows, load_token_ids
+    from moeify.models.checkpoint import load_tokenizer
+
+    ids = heldout_windows(load_token_ids(load_tokenizer(world["cmoe"]), world["eval"], "heldout"), 256, 4)
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    for i, x in inputs.items():
+        with torch.no_grad():
+            y = dense.model.layers[i].mlp(x)
+            err_before = (original.model.layers[i].mlp(x) - y).norm() / y.norm()
+            err_after = (model.model.layers[i].mlp(x) - y).norm() / y.norm()
+        assert err_after < 0.97 * err_before, (i, float(err_before), float(err_after))
+    model.save_pretrained(tmp_path / "local")
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path / "local")(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_local_mode_on_a_pruned_checkpoint_fits_the_dense_base_model(world, tmp_path):
+    """Blocks that dropped neurons cannot give the dense output themselves: the recorded base model's MLPs are the target."""
+    dense = _load(world["dense"])
+    pruned = moeify.convert(str(world["dense"]), moeify.MLPMoEConfig(branches=4, prune=0.25, prune_mode="uniform"), progress=False)
+    pruned.save_pretrained(tmp_path / "pruned")
+    model, _ = finetune(str(tmp_path / "pruned"), _cfg(world, local=True, what="lora", steps=16), progress=False)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(_ids(4, 64, seed=11))
+    for h in hooks:
+        h.remove()
+    for i, x in inputs.items():
+        with torch.no_grad():
+            y = dense.model.layers[i].mlp(x)
+            assert (model.model.layers[i].mlp(x) - y).norm() < 0.97 * (pruned.model.layers[i].mlp(x) - y).norm()
+    cfg = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    cfg["moeify"]["provenance"]["base_model"] = None
+    (tmp_path / "pruned" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="dense base model's weights are needed"):
+        finetune(str(tmp_path / "pruned"), _cfg(world, local=True, what="lora"), progress=False)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_overlap_check_trips_on_shared_text_only():
+    g = torch.Generator().manual_seed(0)
+    evaluation = torch.randint(0, 50_000, (2, 256), generator=g)
+    train = torch.randint(0, 50_000, (3, 128), generator=g)
+    check_no_overlap(train, evaluation)  # disjoint random text
+    leaked = train.clone()
+    leaked[1, 40:80] = evaluation[1, 100:140]  # 40 tokens of evaluation text inside a training window
+    with pytest.raises(InputError, match="share 9 stretch"):  # 40 - 32 + 1 shared 32-grams
+        check_no_overlap(leaked, evaluation)
+    short = train.clone()
+    short[1, 40:71] = evaluation[1, 100:131]  # 31 tokens: below the n-gram length, not an overlap
+    check_no_overlap(short, evaluation)
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    ({"lr": 0.0}, r"--lr must be a positive number"),
+    ({"scale_lr": -1e-3}, r"--scale-lr must be a positive number"),
+    ({"bias_gamma": float("nan")}, r"--bias-gamma must be a positive number"),
+    ({"steps": 2, "tokens": 100}, r"--steps and --tokens"),
+    ({"steps": 0}, r"--steps must be a positive integer"),
+    ({"samples": 0}, r"--samples must be an integer >= 1"),
+    ({"seq_len": 8}, r"--seq-len must be an integer >= 16"),
+    ({"batch_size": 9}, r"--batch-size 9 is larger than --samples 8"),
+    ({"lora_rank": 0}, r"--lora-rank must be an integer >= 1"),
+    ({"lora_dropout": 1.0}, r"--lora-dropout must be in \[0, 1\)"),
+    ({"local": True, "what": "bias,router"}, r"--local .* nothing to train"),
+])
+def test_bad_settings_raise_input_errors(world, kw, pattern):
+    with pytest.raises(InputError, match=pattern):
+        _cfg(world, **kw).check()
+
+
+def test_bad_what_items_are_refused():
+    with pytest.raises(InputError, match=r"--what 'experts' .* lora, scale, bias, router"):
+        FinetuneConfig(what="lora,experts")
+    with pytest.raises(InputError, match=r"--what is empty"):
+        FinetuneConfig(what=" , ")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    import moeify.models.checkpoint as ckpt
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(ckpt, "load_model", refuse)
+
+
+def _no_moe_block(world) -> str:
+    """A copy of the checkpoint whose config lists no converted layer (its weights are never read)."""
+    import shutil
+
+    folder = Path(world["root"]) / "no-blocks"
+    if not folder.exists():
+        shutil.copytree(world["cmoe"], folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["moeify"]["layers"] = [None] * len(cfg["moeify"]["layers"])
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+def _leaky(world) -> str:
+    path = Path(world["root"]) / "leaky.txt"
+    path.write_text(" ".join(Path(world["eval"]).read_text().split()[:1000]))  # the start of the evaluated text
+    return str(path)
+
+
+def _short(world) -> str:
+    path = Path(world["root"]) / "short.txt"
+    path.write_text(_language(300, 3))
+    return str(path)
+
+
+def _empty(world) -> str:
+    path = Path(world["root"]) / "empty.txt"
+    path.write_text("  \n")
+    return str(path)
+
+
+CLI_ROWS = [
+    ("dense-model", lambda w: [w["dense"]], r"DIR .* is a dense model, not a moeify checkpoint: run `moeify convert"),
+    ("missing-dir", lambda w: [str(Path(w["root"]) / "nope")], r"DIR .*no such model folder"),
+    ("no-moe-block", lambda w: [_no_moe_block(w)], r"no MoE block that fine-tuning can train"),
+    ("bias-on-static-router", lambda w: [w["static"], "--what", "bias"], r"--what bias: nothing to train .*static router"),
+    ("router-without-scale", lambda w: [w["cmoe"], "--what", "router,lora"], r"--what router: .*add scale"),
+    ("bad-what", lambda w: [w["cmoe"], "--what", "lora,gates"], r"--what 'gates' is not something fine-tuning trains"),
+    ("lr-zero", lambda w: [w["cmoe"], "--lr", "0"], r"--lr must be a positive number, got 0.0"),
+    ("lr-negative", lambda w: [w["cmoe"], "--lr", "-1e-4"], r"--lr must be a positive number"),
+    ("steps-and-tokens", lambda w: [w["cmoe"], "--steps", "2", "--tokens", "1000"], r"--steps and --tokens both set the budget"),
+    ("text-empty", lambda w: [w["cmoe"], "--text", _empty(w)], r"--text .*empty"),
+    ("text-missing", lambda w: [w["cmoe"], "--text", str(Path(w["root"]) / "none.txt")], r"--text .*no such file"),
+    ("text-too-short", lambda w: [w["cmoe"], "--text", _short(w)], r"--text .* has 300 tokens \(calibration split\); 8 windows of 64 tokens need at least 513"),
+    ("text-overlaps-evaluation", lambda w: [w["cmoe"], "--text", _leaky(w)], r"share \d+ stretch\(es\) of 32 tokens with the perplexity evaluation"),
+    ("local-nothing", lambda w: [w["cmoe"], "--local", "--what", "bias"], r"--local trains the expert weights"),
+]
+
+
+@pytest.mark.parametrize("row,argv,pattern", CLI_ROWS, ids=[r[0] for r in CLI_ROWS])
+def test_cli_bad_input_is_one_line_exit_2_before_loading(world, tmp_path, no_loading, row, argv, pattern):
+    import re
+
+    out = tmp_path / "out"
+    args = ["finetune", *argv(world), "-o", str(out), "--samples", "8", "--seq-len", "64", "--ppl", world["eval"]]
+    if "--text" not in args:
+        args += ["--text", world["train"]]
+    r = runner.invoke(app, args)
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not out.exists()
+
+
+def test_cli_refuses_an_existing_output_before_loading(world, tmp_path, no_loading):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("1")
+    r = runner.invoke(app, ["finetune", world["cmoe"], "-o", str(out), "--text", world["train"], "--ppl", world["eval"]])
+    assert r.exit_code == 2 and "already exists" in r.output and "--overwrite" in r.output
+    assert (out / "keep").read_text() == "1"
+
+
+def _interrupting(real):
+    def batches(*a, **k):
+        first = real(*a, **k)[0]
+
+        def gen():
+            yield first
+            raise KeyboardInterrupt  # Ctrl-C in the middle of training
+
+        return gen()
+
+    return batches
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_run_leaves_nothing_at_the_output(world, tmp_path, monkeypatch, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "keep").write_text("old")
+    monkeypatch.setattr(ft_module, "_window_batches", _interrupting(ft_module._window_batches))
+    r = runner.invoke(app, ["finetune", world["cmoe"], "-o", str(out), "--text", world["train"], "--ppl", world["eval"], "--samples", "8",
+                            "--seq-len", "64", "--steps", "3", "--no-eval", "--overwrite"])
+    assert r.exit_code == 130, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])  # no temporary folder left either
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["keep"] and (out / "keep").read_text() == "old"
+
+
+def test_cli_writes_a_checkpoint_that_reloads_and_a_json(world, tmp_path):
+    out, js = tmp_path / "ft", tmp_path / "ft.json"
+    r = runner.invoke(app, ["finetune", world["cmoe"], "-o", str(out), "--text", world["train"], "--ppl", world["eval"], "--samples", "8",
+                            "--seq-len", "64", "--steps", "2", "--lr", "1e-2", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(js.read_text())
+    assert data["output"] == str(out) and data["steps"] == 2 and data["tokens"] == 2 * 4 * 64
+    assert set(data["ppl"]) >= {"before", "after", "dense"} and data["ppl"]["dense"] > 1
+    assert "perplexity after" in r.output
+    back = _load(out)
+    rec = back.config.moeify["finetune"]
+    assert rec["ppl"]["after"] == data["ppl"]["after"] and rec["settings"]["lr"] == 1e-2
+    assert (out / "tokenizer.json").is_file()
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.integration
+def test_austen_training_windows_do_not_overlap_the_evaluation_windows():
+    from moeify.data.texts import calibration_windows, load_token_ids, perplexity_windows
+    from moeify.models.checkpoint import load_tokenizer, resolve_model_path
+
+    tok = load_tokenizer(resolve_model_path(None))
+    cfg = FinetuneConfig(samples=256, seq_len=512)
+    ev = perplexity_windows(tok, "austen", quick=True)
+    check_no_overlap(calibration_windows(tok, "austen", cfg.samples, cfg.seq_len, cfg.seed), ev)
+    # and the check is live on this text: a window cut from the evaluation novels is refused
+    with pytest.raises(InputError, match="share"):
+        check_no_overlap(load_token_ids(tok, "austen", "heldout")[5000:5512][None], ev)
