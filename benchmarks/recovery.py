@@ -6,7 +6,8 @@ CMoE of the README) and MoEfication at 50 % (`--moefication`). Fine-tuning: `moe
 given as JSON (`--ft-opts`), on the calibration novels only (never the evaluation windows). The README's runs use
 the layer-local mode (`{"local": true}`): each block learns the dense MLP's outputs, never the text itself, so it
 cannot gain from learning the Austen domain and needs no fine-tuned dense control; the full mode (LoRA on the
-whole model's next-token loss) would need that control (not run here).
+whole model's next-token loss) needs that control: `--dense-control` fine-tunes the dense model with the same windows,
+budget and LoRA settings (`moeify.finetuning.finetune_dense_control`) and each fine-tuned row gets its ratio against it.
 
 Checkpoints go to --out (one folder per run) and every finished row is written to the JSON at once, so an
 interrupted run resumes where it stopped. Reproduce the README table:
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--moefication", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--runs", default="base,refit,ft,refit+ft", help="comma list of: base, refit, ft, refit+ft")
     ap.add_argument("--ft-opts", default="{}", help="FinetuneConfig options as JSON")
+    ap.add_argument("--dense-control", action="store_true", help="full mode: also fine-tune the dense model with the same data and budget")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("out/recovery"))
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/recovery.json"))
@@ -84,6 +86,20 @@ def main() -> None:
     base_ppl = result["dense"]["ppl"]
     print(f"dense ppl {base_ppl:.4f}", flush=True)
 
+    if (result.get("dense_finetuned") or {}).get("ft_settings") != ft_settings:
+        result.pop("dense_finetuned", None)
+    if args.dense_control and "dense_finetuned" not in result:
+        from moeify.finetuning import finetune_dense_control
+
+        t0 = time.perf_counter()
+        tuned, rep = finetune_dense_control(copy.deepcopy(dense), ft_cfg, tokenizer=tok, progress=False)
+        seconds = time.perf_counter() - t0
+        result["dense_finetuned"] = {**perplexity(tuned, windows, progress=False), "finetune_seconds": seconds, "finetune": rep,
+                                     "ft_settings": ft_settings}
+        print(f"dense fine-tuned (control) ppl {result['dense_finetuned']['ppl']:.4f}", flush=True)
+        del tuned
+    ctrl = (result.get("dense_finetuned") or {}).get("ppl")
+
     runs = args.runs.split(",")
     for name, cfg in _settings(args):
         converted = {}
@@ -115,7 +131,8 @@ def main() -> None:
                 tuned, rep = moeify.finetune(model, ft_cfg, tokenizer=tok, progress=False)
                 seconds = time.perf_counter() - t0
                 r = perplexity(tuned, windows, progress=False)
-                save_row({"setting": name, "run": ft_run, "method": cfg.method, "ft_settings": ft_settings, "ppl": r["ppl"], "ratio": r["ppl"] / base_ppl, "finetune_seconds": seconds,
+                save_row({"setting": name, "run": ft_run, "method": cfg.method, "ft_settings": ft_settings, "ppl": r["ppl"], "ratio": r["ppl"] / base_ppl,
+                          "ratio_vs_finetuned_dense": r["ppl"] / ctrl if ctrl else None, "finetune_seconds": seconds,
                           "finetune": rep})
                 moeify.save(tuned, args.out / f"{name}-{ft_run}", tokenizer=tok, overwrite=True)
                 del tuned

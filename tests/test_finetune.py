@@ -454,3 +454,32 @@ def test_austen_training_windows_do_not_overlap_the_evaluation_windows():
     # and the check is live on this text: a window cut from the evaluation novels is refused
     with pytest.raises(InputError, match="share"):
         check_no_overlap(load_token_ids(tok, "austen", "heldout")[5000:5512][None], ev)
+
+
+def test_dense_control_trains_lora_on_every_decoder_linear_and_merges(world):
+    from moeify.finetuning import finetune_dense_control
+    from moeify.models.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(world["dense"])
+    dense = _load(world["dense"])
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    tuned, rep = finetune_dense_control(dense, _cfg(world, steps=4), tokenizer=tok, progress=False)
+    after = tuned.state_dict()
+    assert set(after) == set(before)  # merged: no adapter keys left
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    for i in range(len(tuned.model.layers)):  # attention and MLP projections of every layer moved; nothing else did
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            assert f"model.layers.{i}.{name}.weight" in changed
+    assert all(".weight" in k and ("self_attn" in k or ".mlp." in k) for k in changed)
+    assert rep["steps"] == 4 and rep["loss"]["last"] < rep["loss"]["first"]
+
+
+def test_dense_control_refuses_converted_models_and_the_local_mode(world):
+    from moeify.finetuning import finetune_dense_control
+    from moeify.models.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(world["dense"])
+    with pytest.raises(InputError, match="dense base model"):
+        finetune_dense_control(_load(world["cmoe"]), _cfg(world), tokenizer=tok, progress=False)
+    with pytest.raises(InputError, match="full mode"):
+        finetune_dense_control(_load(world["dense"]), _cfg(world, local=True), tokenizer=tok, progress=False)

@@ -496,16 +496,41 @@ class _LoadCounter:
             b.__dict__.pop("route", None)
 
 
-def _attention_linears(model, spec) -> list[str]:
-    """Full names of the nn.Linear modules of every decoder layer outside its MLP (the attention projections)."""
+def _attention_linears(model, spec, with_mlp: bool = False) -> list[str]:
+    """Full names of the nn.Linear modules of every decoder layer outside its MLP (the attention projections); with_mlp: all of them."""
     from .models.arch import decoder_layers
 
     names = []
     for i, layer in enumerate(decoder_layers(model, spec)):
         for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear) and name != spec.mlp and not name.startswith(spec.mlp + "."):
+            if isinstance(mod, nn.Linear) and (with_mlp or (name != spec.mlp and not name.startswith(spec.mlp + "."))):
                 names.append(f"{spec.layers}.{i}.{name}")
     return names
+
+
+def finetune_dense_control(dense: nn.Module, config: FinetuneConfig, *, tokenizer, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The control of a full-mode run: the dense model fine-tuned on the same windows with the same budget.
+
+    LoRA (same rank, alpha, dropout, learning rate, steps, seed) on every Linear of every decoder layer
+    (attention and the dense MLP's projections, the counterparts of the converted model's attention and
+    expert adapters), merged. Its perplexity after training is what a converted model's fine-tuned
+    perplexity is compared with, so a gain from learning the training text's domain is not counted as
+    recovery. Returns (model changed in place, report).
+    """
+    from .data.calibration import Calibration
+
+    config.check()
+    if config.local:
+        raise InputError("the dense control is for the full mode: the local mode learns the dense MLP's outputs, never the text.")
+    if getattr(dense.config, "moeify", None):
+        raise InputError("the dense control takes the dense base model, not a converted one.")
+    windows, _ = Calibration(source=str(config.text), samples=config.samples, seq_len=config.seq_len, seed=config.seed,
+                             heldout_tokens=0).windows(tokenizer)
+    plan = FinetunePlan(blocks=[], lora=[], scale=[], bias=[], router=[], attention=True, dense_exact=True, notes=["dense control"])
+    t0 = time.perf_counter()
+    report = _train_full(dense, {}, plan, windows, config, progress, with_mlp=True)
+    report["seconds"] = time.perf_counter() - t0
+    return dense, report
 
 
 def _add_lora(model, names: dict[str, list[str]], config: FinetuneConfig):
@@ -532,7 +557,7 @@ def _add_lora(model, names: dict[str, list[str]], config: FinetuneConfig):
 
 
 def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: torch.Tensor, config: FinetuneConfig,
-                progress: bool) -> dict[str, Any]:
+                progress: bool, with_mlp: bool = False) -> dict[str, Any]:
     """The §4.3 loop: next-token loss on the training windows, AdamW, the bias rule after every step; LoRA merged at the end."""
     from tqdm.auto import tqdm
 
@@ -549,8 +574,8 @@ def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: t
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = None
-    if plan.lora:
-        names = {"modules": _attention_linears(model, spec) if plan.attention else [],
+    if plan.lora or with_mlp:
+        names = {"modules": _attention_linears(model, spec, with_mlp) if plan.attention else [],
                  "parameters": [f"{spec.layers}.{i}.{spec.mlp}.{p}" for i in plan.lora for p in EXPERT_PARAMS
                                 if getattr(blocks[i], p).numel()]}
         peft_model = _add_lora(model, names, config)
