@@ -62,7 +62,7 @@ def main() -> None:
     ft_cfg = moeify.FinetuneConfig(**ft_opts)
     ft_cfg.check()
 
-    ft_settings = ft_cfg.to_dict()
+    ft_settings = json.loads(json.dumps(ft_cfg.to_dict()))  # as the JSON holds it (lists, not tuples), so resumed rows compare equal
     result = json.loads(args.json.read_text()) if args.json.is_file() else {}
     if result.get("settings") != {"router_neurons": args.router_neurons, "full": args.full}:
         result = {"settings": {"router_neurons": args.router_neurons, "full": args.full}, "rows": []}
