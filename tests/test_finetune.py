@@ -483,3 +483,12 @@ def test_dense_control_refuses_converted_models_and_the_local_mode(world):
         finetune_dense_control(_load(world["cmoe"]), _cfg(world), tokenizer=tok, progress=False)
     with pytest.raises(InputError, match="full mode"):
         finetune_dense_control(_load(world["dense"]), _cfg(world, local=True), tokenizer=tok, progress=False)
+
+
+def test_lora_without_peft_is_refused_before_loading(world, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(InputError, match=r"needs peft: pip install 'moeify\[train\]'"):
+        ft_module.prepare(world["cmoe"], _cfg(world))

@@ -35,6 +35,7 @@ model. The per-block error is reported on held-out calibration tokens before and
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 import os
@@ -318,6 +319,8 @@ def prepare(model_or_dir, config: FinetuneConfig, *, tokenizer=None) -> Finetune
     else:
         raise InputError(f"finetune takes a converted checkpoint folder or model, got {type(model_or_dir).__name__}.")
     plan = plan_finetune(mo, config_intermediate_sizes(cfg), config)
+    if not config.local and (plan.lora or plan.attention) and importlib.util.find_spec("peft") is None:
+        raise InputError("LoRA fine-tuning needs peft: pip install 'moeify[train]' (or --local, or --what scale,bias without lora).")
     check_text_source(config.text, "calibration", what="--text")
     evaluate_on = config.evaluate or str(config.ppl).lower() == "austen"  # the protocol's windows are checked even with --no-eval
     if config.evaluate:
