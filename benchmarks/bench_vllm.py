@@ -26,24 +26,17 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from runinfo import _git  # one git helper for every benchmark (keeps the status column of `git status --porcelain`)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LEN = 32
 WARM_TOKENS = 16
 DECODE_TOKENS = {1: 128, 8: 64, 32: 32}
 PREFILL = (4, 512)
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.rstrip("\n")  # keep leading spaces: `git status --porcelain` lines start with a status column
 
 
 def run_info(args) -> dict:
