@@ -134,8 +134,15 @@ def convert(
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own code from the hub (off by default)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write machine-readable results here."),
+    stream: bool = typer.Option(True, "--stream/--in-memory", help="Convert one decoder layer at a time from disk to disk (memory: one layer + activations), or load the whole model first."),
+    device: str = typer.Option("cpu", "--device", help="Where layers compute while streaming: cpu | cuda | auto."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Refuse up front when the streaming conversion's estimated memory exceeds this (e.g. 1.5GB)."),
 ) -> None:
-    """Convert a dense model's MLPs into MoE blocks, compare with the dense model, and save."""
+    """Convert a dense model's MLPs into MoE blocks, compare with the dense model, and save.
+
+    By default the conversion streams: each decoder layer is read from the safetensors
+    folder or GGUF file, converted and written before the next one is read.
+    """
     import torch
 
     from ..core.method import method_class
@@ -176,6 +183,19 @@ def convert(
         except InputError as e:
             raise InputError(f"--calib {calib}: {e}") from None
     windows = _ppl_windows(tok, [ppl], quick) if evaluate else {}
+    if stream and not Path(path).exists():
+        stream = False  # a hub id: transformers downloads and loads it (a local folder or .gguf streams)
+    if not stream and (device != "cpu" or max_memory is not None):
+        raise InputError("--device and --max-memory apply to streaming conversion; drop --in-memory (the model must be a local folder or .gguf).")
+    if stream:
+        from ..pipeline.streaming import parse_memory, resolve_device
+
+        resolve_device(device)
+        parse_memory(max_memory)
+        _convert_streaming(path, model, cfg, output, overwrite=overwrite, calibration=calibration, tok=tok, refit=refit, dtype=dtype,
+                           device=device, max_memory=max_memory, windows=windows, quick=quick, trust_remote_code=trust_remote_code,
+                           json_out=json_out, seed=seed)
+        return
 
     torch.manual_seed(seed)
     t_load = time.perf_counter()
@@ -216,6 +236,68 @@ def convert(
     _write_json(json_out, result)
 
 
+def _convert_streaming(path, model, cfg, output, *, overwrite, calibration, tok, refit, dtype, device, max_memory, windows, quick,
+                       trust_remote_code, json_out, seed) -> None:
+    """`moeify convert` through the streaming pipeline; with --eval, dense vs converted perplexity on the staged checkpoint."""
+    import torch
+
+    from ..models.checkpoint import load_model
+    from ..pipeline.convert import count_parameters
+    from ..pipeline.streaming import convert_streaming
+
+    scores: dict[str, Any] = {}
+    params: dict[str, int] = {}
+
+    def evaluate(tmp: Path, moeify_cfg: dict[str, Any]) -> None:
+        converted, _ = load_model(str(tmp), dtype=dtype, with_tokenizer=False)
+        params["converted"] = count_parameters(converted)
+        if windows:
+            dense, _ = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False)
+            params["dense"] = count_parameters(dense)
+            scores.update(_compare_ppl(converted, dense, windows, quick, dtype))
+            moeify_cfg["metrics"] = {"ppl": scores}
+
+    torch.manual_seed(seed)
+    out, mo = convert_streaming(path, cfg, output, calibration=calibration, tokenizer=tok, dtype=dtype, device=device,
+                                max_memory=max_memory, overwrite=overwrite, refit=refit, trust_remote_code=trust_remote_code,
+                                before_rename=evaluate if windows else None)
+    summary = mo["summary"]
+    st = summary["streaming"]
+    result: dict[str, Any] = {
+        "method": cfg.method,
+        "config": cfg.to_dict()["_data"],
+        "refit": refit,
+        "model": model_label(model),
+        "model_provenance": model_provenance(model),
+        "active_mlp_fraction": summary["active_mlp_fraction"],
+        "mlp_params_removed_fraction": summary["mlp_params_removed_fraction"],
+        "seconds": summary["seconds"],
+        "streaming": {k: v for k, v in st.items() if k != "per_layer"},
+        "per_layer_streaming": st["per_layer"],
+        "peak_rss_mib": peak_rss(),
+        "parameters": {"dense": params.get("dense", st["parameters"]["dense"]), "converted": params.get("converted", st["parameters"]["converted"])},
+        "summary": summary,
+    }
+    if "router_fidelity" in summary:
+        result["router_fidelity"] = {
+            "mean": summary["router_fidelity"],
+            "per_layer": [lay.get("router_fidelity", {}).get("overlap") for lay in summary.get("per_layer", [])],
+            "heldout_tokens": summary.get("calibration", {}).get("heldout_tokens"),
+        }
+    if scores:
+        result["ppl"] = scores
+    result["output"] = str(out)
+    result["environment"] = _environment()
+    _print_convert(result)
+    _write_json(json_out, result)
+
+
+def peak_rss() -> float:
+    from ..pipeline.streaming import peak_rss_mib
+
+    return round(peak_rss_mib(), 1)
+
+
 def _print_convert(r: dict[str, Any]) -> None:
     t = Table(title=f"{r['model']}: dense vs {r['method']} {r['config']}")
     t.add_column("")
@@ -234,7 +316,12 @@ def _print_convert(r: dict[str, Any]) -> None:
         f = r["summary"]["refit"]
         t.add_row("refit: block error, calibration", "", f"{f['calibration_error_before']:.3f} -> {f['calibration_error_after']:.3f}")
         t.add_row("refit: block error, held-out", "", f"{f['heldout_error_before']:.3f} -> {f['heldout_error_after']:.3f}")
-    t.add_row("conversion time (excl. loading)", "", f"{r['seconds']:.2f} s")
+    if "streaming" in r:
+        st = r["streaming"]
+        t.add_row("conversion time (streamed, incl. reading)", "", f"{r['seconds']:.2f} s")
+        t.add_row(f"peak resident memory (conversion, {st['device']})", "", f"{st['peak_rss_mib']:.0f} MiB")
+    else:
+        t.add_row("conversion time (excl. loading)", "", f"{r['seconds']:.2f} s")
     console.print(t)
     console.print(f"saved to [bold]{r['output']}[/bold]")
 

@@ -20,7 +20,7 @@ from ..blocks.hierarchical import HierarchicalMoEMLP
 from ..core.method import MethodConfig
 from ..core.plan import LayerPlan, plan_summary
 from ..errors import InputError
-from ..models.arch import activation_name, dense_weights, expert_weights, mlp_sites, spec_for
+from ..models.arch import activation_name, decoder_layers, dense_weights, expert_weights, mlp_sites, spec_for
 from ..models.checkpoint import load_config, load_model, resolve_model_path
 from ..models.modeling import as_moeify_model
 from .layer import plan_layer
@@ -80,27 +80,26 @@ def convert(
     spec = spec_for(model)
     act = activation_name(model.config, spec)
     sites = list(mlp_sites(model, spec))
-    hierarchical = config.needs_calibration
-    sizes = [_site_intermediate_size(s, spec, act, hierarchical) for s in sites]
-    if not any(sizes):
-        raise InputError(
-            f"the model has no dense gated MLP that {config.method!r} can convert (already converted, or an MoE model: "
-            "use a calibrated method such as cmoe, which converts MoE experts hierarchically)."
-        )
-    config.check(sizes)
-    if config.needs_calibration and calibration is None:
-        raise InputError(f"method {config.method!r} needs calibration data: pass calibration=moeify.Calibration(...).")
-    state = None
-    if config.needs_calibration:  # e.g. ExpertWeaver adds its task samples and returns which sample is which task
-        calibration, state = config.prepare(calibration, tokenizer if tokenizer is not None else getattr(model, "_moeify_tokenizer", None))
+    sizes = site_sizes(model, config, sites, spec, act)
+    calibration, state = prepare_calibration(model, config, calibration, tokenizer)
     t0 = time.perf_counter()
     if config.needs_calibration:
         from .sequential import convert_sequential
 
         plans, extra = convert_sequential(model, config, calibration, state, tokenizer=tokenizer, progress=progress, refit=refit)
     else:
-        plans, extra = _convert_weights_only(model, config, sites, spec, act, progress)
-    seconds = time.perf_counter() - t0
+        plans, extra = convert_weights_only(model, config, sites, spec, act, progress)
+    moeify_cfg = moeify_config(model, config, plans, sizes, extra, time.perf_counter() - t0, refit)
+    tok = tokenizer if tokenizer is not None else getattr(model, "_moeify_tokenizer", None)
+    model = as_moeify_model(model, moeify_cfg)
+    model._moeify_tokenizer = tok
+    model.moeify_plans = plans
+    log_converted(moeify_cfg)
+    return model
+
+
+def moeify_config(model, config: MethodConfig, plans: list, sizes: list[int], extra: dict, seconds: float, refit: bool) -> dict[str, Any]:
+    """config.json["moeify"] of a conversion (in memory or streamed): method, per-layer plans, summary, provenance."""
     summary = plan_summary(plans, sizes)
     summary["seconds"] = seconds
     summary.update(extra)
@@ -108,7 +107,7 @@ def convert(
     previous = getattr(model.config, "moeify", None)  # converting a moeify model again (hierarchically)
     if isinstance(previous, dict):
         origin = (previous.get("provenance") or {}).get("base_model") or origin
-    moeify_cfg = {
+    return {
         "method": config.method,
         "config": config.to_dict(),
         "layers": [p.to_config() if p is not None else None for p in plans],
@@ -123,15 +122,34 @@ def convert(
             **({"converted_from": {"method": previous.get("method"), "config": previous.get("config")}} if isinstance(previous, dict) else {}),
         },
     }
-    tok = tokenizer if tokenizer is not None else getattr(model, "_moeify_tokenizer", None)
-    model = as_moeify_model(model, moeify_cfg)
-    model._moeify_tokenizer = tok
-    model.moeify_plans = plans
-    log.info(
-        "converted %d MLPs with %s in %.2fs: active MLP fraction %.3f, MLP params removed %.3f",
-        sum(p is not None for p in plans), config.method, seconds, summary["active_mlp_fraction"], summary["mlp_params_removed_fraction"],
-    )
-    return model
+
+
+def log_converted(moeify_cfg: dict[str, Any]) -> None:
+    s = moeify_cfg["summary"]
+    log.info("converted %d MLPs with %s in %.2fs: active MLP fraction %.3f, MLP params removed %.3f",
+             sum(p is not None for p in moeify_cfg["layers"]), moeify_cfg["method"], s["seconds"], s["active_mlp_fraction"],
+             s["mlp_params_removed_fraction"])
+
+
+def site_sizes(model, config: MethodConfig, sites, spec, act) -> list[int]:
+    """Intermediate size of every MLP the method converts (0: left as it is); refuses a model with nothing to convert."""
+    sizes = [_site_intermediate_size(s, spec, act, config.needs_calibration) for s in sites]
+    if not any(sizes):
+        raise InputError(
+            f"the model has no dense gated MLP that {config.method!r} can convert (already converted, or an MoE model: "
+            "use a calibrated method such as cmoe, which converts MoE experts hierarchically)."
+        )
+    config.check(sizes)
+    return sizes
+
+
+def prepare_calibration(model, config: MethodConfig, calibration, tokenizer) -> tuple[Any, Any]:
+    """(calibration, method state): ExpertWeaver, e.g., adds its task samples and returns which sample is which task."""
+    if not config.needs_calibration:
+        return calibration, None
+    if calibration is None:
+        raise InputError(f"method {config.method!r} needs calibration data: pass calibration=moeify.Calibration(...).")
+    return config.prepare(calibration, tokenizer if tokenizer is not None else getattr(model, "_moeify_tokenizer", None))
 
 
 def _site_intermediate_size(site, spec, act, hierarchical: bool) -> int:
@@ -147,16 +165,22 @@ def _site_intermediate_size(site, spec, act, hierarchical: bool) -> int:
 
 
 @torch.no_grad()
-def _convert_weights_only(model, config, sites, spec, act, progress) -> tuple[list[LayerPlan | None], dict]:
+def convert_weights_only(model, config, sites, spec, act, progress, loader=None) -> tuple[list[LayerPlan | None], dict]:
+    """Data-free methods: plan every dense MLP from its weights. `loader` (streaming.py) fills and empties each layer."""
     plans: list[LayerPlan | None] = []
+    layers = decoder_layers(model, spec)
     for site in tqdm(sites, desc=f"{config.method}", disable=not progress, unit="layer"):
+        if loader is not None:
+            loader.load(site.layer, layers[site.layer])
         if site.kind != "dense":
             plans.append(None)
-            continue
-        res, block = plan_layer(config, dense_weights(site.module, spec, act), None, site.layer)
-        site.replace(block)
-        plans.append(res.plan)
+        else:
+            res, block = plan_layer(config, dense_weights(site.module, spec, act), None, site.layer)
+            site.replace(block)
+            plans.append(res.plan)
+        if loader is not None:
+            loader.done(site.layer, layers[site.layer], {"layer": site.layer})
     return plans, {}
 
 
-__all__ = ["convert", "count_parameters", "config_intermediate_sizes"]
+__all__ = ["convert", "convert_weights_only", "count_parameters", "config_intermediate_sizes", "moeify_config", "prepare_calibration", "site_sizes"]

@@ -116,11 +116,14 @@ def _post_norm(layer: nn.Module, spec) -> nn.Module | None:
 
 @torch.no_grad()
 def convert_sequential(model, config: MethodConfig, calibration, state: Any = None, *, tokenizer=None,
-                       progress: bool = True, refit: bool = False) -> tuple[list[LayerPlan | None], dict[str, Any]]:
+                       progress: bool = True, refit: bool = False, loader=None) -> tuple[list[LayerPlan | None], dict[str, Any]]:
     """Convert every MLP of `model` in place, layer by layer on calibration activations.
 
     refit: after planning, solve each routed block's output-side weights in closed form on the
     router's selections (refit.py; dense MLP sites), the ridge strength chosen on the held-out tokens.
+    loader: streaming conversion (streaming.py): `begin(model, ids)` before the first layer, `load(i, layer)`
+    fills layer i's weights before its turn, `done(i, layer, stats)` writes and empties it after; the
+    activations live on `loader.device`.
 
     Returns (plans per layer, extra summary: calibration error and router fidelity per layer).
     """
@@ -130,20 +133,28 @@ def convert_sequential(model, config: MethodConfig, calibration, state: Any = No
     cal_ids, held_ids = calibration.windows(tokenizer)
     was_training = model.training
     model.eval()
-    cal = LayerStream(model, spec, cal_ids, calibration.batch_size)
-    held = LayerStream(model, spec, held_ids, calibration.batch_size) if held_ids is not None else None
+    device = None
+    if loader is not None:
+        loader.begin(model, [t for t in (cal_ids, held_ids) if t is not None])
+        device = loader.device
+    cal = LayerStream(model, spec, cal_ids, calibration.batch_size, device=device)
+    held = LayerStream(model, spec, held_ids, calibration.batch_size, device=device) if held_ids is not None else None
     layers = decoder_layers(model, spec)
     plans: list[Any] = []
     per_layer: list[dict[str, Any]] = []
     bar = tqdm(list(mlp_sites(model, spec)), desc=f"{config.method} (calibrated)", unit="layer", disable=not progress)
     for site in bar:
         i, layer = site.layer, layers[site.layer]
+        if loader is not None:
+            loader.load(i, layer)
         convert_site = _CONVERTERS.get(site.kind)
         if convert_site is None:
             cal.step(layer, i)
             if held is not None:
                 held.step(layer, i)
             plans.append(None)
+            if loader is not None:
+                loader.done(i, layer, {"layer": i})
             continue
         post = _post_norm(layer, spec)
         parent, attr = _target(site, spec)
@@ -160,6 +171,8 @@ def convert_sequential(model, config: MethodConfig, calibration, state: Any = No
             held.advance(h_outs, ys, post)
         plans.append(done.plan)
         per_layer.append(done.stats)
+        if loader is not None:
+            loader.done(i, layer, done.stats)
         if "calibration_error" in done.stats:
             bar.set_postfix(err=f"{done.stats['calibration_error']:.3f}")
         log.info("layer %d: %s", i, _layer_line(done.stats))

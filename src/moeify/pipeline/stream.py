@@ -53,7 +53,7 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def _record(model, spec: ArchSpec, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+def _record(model, spec: ArchSpec, ids: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, list]:
     """(input hidden states of layer 0, [(args, kwargs) per layer]) for one batch of windows."""
     layers = decoder_layers(model, spec)
     originals = list(layers)
@@ -65,7 +65,7 @@ def _record(model, spec: ArchSpec, ids: torch.Tensor) -> tuple[torch.Tensor, lis
             if i == 0:
                 rec.register_forward_pre_hook(lambda m, a, kw: first.append(a[0] if a else kw["hidden_states"]), with_kwargs=True)
             layers[i] = rec
-        _decoder(model, spec)(input_ids=ids.to(model_device(model)), use_cache=False)
+        _decoder(model, spec)(input_ids=ids.to(device if device is not None else model_device(model)), use_cache=False)
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
@@ -75,10 +75,10 @@ def _record(model, spec: ArchSpec, ids: torch.Tensor) -> tuple[torch.Tensor, lis
 class LayerStream:
     """Hidden states of token windows at the current layer, batch by batch, with each layer's call arguments."""
 
-    def __init__(self, model, spec: ArchSpec, ids: torch.Tensor, batch_size: int):
+    def __init__(self, model, spec: ArchSpec, ids: torch.Tensor, batch_size: int, device: torch.device | None = None):
         self.batches = []
         for i in range(0, ids.shape[0], batch_size):
-            hidden, calls = _record(model, spec, ids[i : i + batch_size])
+            hidden, calls = _record(model, spec, ids[i : i + batch_size], device)
             self.batches.append([hidden, calls])
 
     @torch.no_grad()

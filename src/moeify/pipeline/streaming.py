@@ -1,0 +1,393 @@
+"""Streaming conversion: a model larger than memory converted one decoder layer at a time, from disk to disk.
+
+The same pipeline as `convert` (sequential.py for calibrated methods, convert.py's
+weights-only loop for data-free ones), on a model skeleton without storage:
+
+1. the skeleton is built with accelerate's `init_empty_weights` (parameters on the
+   meta device, no memory); the weight source (models/weights.py) maps its tensors;
+2. the tensors outside the decoder layers are copied to the output one at a time
+   (the LM head is not needed to convert); the embedding keeps only the rows of
+   the token ids the calibration uses, the final norm and rotary tables are filled;
+3. for each layer (`LayerLoader.load`): its tensors are read (safetensors memory
+   map, or GGUF dequantised tensor by tensor) onto the compute device; the
+   calibration tokens run through it and its MLP is converted as in memory;
+   `LayerLoader.done` writes its tensors as one output shard and empties it;
+4. config (the same moeify block as the in-memory path), index, tokenizer and model
+   card are written, and the staged folder is renamed into place: an interrupted
+   conversion leaves nothing at the output path.
+
+Peak memory: one layer + the calibration activations + the used embedding rows
+(`estimate_memory`), whatever the model size. Every layer's time, tokens/s and the
+peak resident memory so far are in the summary (`config.json["moeify"]["summary"]`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.files import prepare_output, staged_dir
+from ..core.method import MethodConfig
+from ..errors import InputError
+from ..models.arch import activation_name, base_model_type, decoder_layers, mlp_sites, spec_for
+from ..models.checkpoint import load_config, load_tokenizer, parse_dtype, resolve_model_path
+from ..models.modeling import as_moeify_model, model_card
+from ..models.weights import WeightSource, open_source
+from .convert import config_intermediate_sizes, convert_weights_only, log_converted, moeify_config, prepare_calibration, site_sizes
+
+log = logging.getLogger("moeify")
+
+MIB = 1 << 20
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """cpu | cuda[:N] | auto (cuda when available); a device that is not there is refused."""
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is visible to torch here; use --device cpu (or auto).")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name}: moeify converts on cpu or cuda.")
+    return dev
+
+
+def skeleton(cfg, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The CausalLM of `cfg` with every parameter on the meta device (buffers such as rotary tables are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def _layers_prefix(spec) -> str:
+    return spec.layers + "."
+
+
+def _state_names(module: nn.Module) -> list[str]:
+    return list(module.state_dict().keys())
+
+
+def fill(module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype, device: torch.device) -> None:
+    """Give `module` (parameters on meta) its tensors from `source`, cast to dtype, on device."""
+    names = _state_names(module)
+    tensors = source.load(prefix + n for n in names)
+    sd = {n: _cast(tensors[prefix + n], dtype).to(device) for n in names}
+    module.load_state_dict(sd, assign=True, strict=True)
+    module.to(device)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+class _RowsOnly:
+    """An embedding that holds only the rows of the given token ids (forward pre-hook maps ids to rows)."""
+
+    def __init__(self, embed: nn.Embedding, ids: torch.Tensor, rows: torch.Tensor):
+        self.ids = ids
+        embed.weight = nn.Parameter(rows, requires_grad=False)
+        embed.padding_idx = None
+        embed.register_forward_pre_hook(self._remap)
+
+    def _remap(self, module, args):
+        idx = torch.searchsorted(self.ids, args[0].to(self.ids.device))
+        return (idx,) + tuple(args[1:])
+
+
+class ShardWriter:
+    """Writes the output's safetensors shards and their index, one group of tensors at a time."""
+
+    def __init__(self, folder: Path, total: int):
+        self.folder, self.total, self.count = folder, total, 0
+        self.weight_map: dict[str, str] = {}
+        self.bytes = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if not tensors:
+            return
+        self.count += 1
+        name = f"model-{self.count:05d}-of-{self.total:05d}.safetensors"
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(cpu, str(self.folder / name), metadata={"format": "pt"})
+        self.bytes += sum(v.numel() * v.element_size() for v in cpu.values())
+        for k in cpu:
+            self.weight_map[k] = name
+
+    def finish(self) -> None:
+        if self.count != self.total:  # fewer groups than planned (e.g. nothing outside the layers): names still say "-of-total"
+            for old in sorted(set(self.weight_map.values())):
+                new = old.replace(f"-of-{self.total:05d}", f"-of-{self.count:05d}")
+                os.replace(self.folder / old, self.folder / new)
+                self.weight_map = {k: (new if v == old else v) for k, v in self.weight_map.items()}
+        index = {"metadata": {"total_size": self.bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class LayerLoader:
+    """The streaming side of the pipeline: fills each decoder layer before its turn, writes and empties it after."""
+
+    def __init__(self, model: nn.Module, spec, source: WeightSource, writer: ShardWriter, dtype: torch.dtype, device: torch.device):
+        self.model, self.spec, self.source, self.writer = model, spec, source, writer
+        self.dtype, self.device = dtype, device
+        self.prefix = _layers_prefix(spec)
+        self.per_layer: list[dict[str, Any]] = []
+        self.tokens = 0
+        self._t = 0.0
+
+    def outside_names(self) -> list[str]:
+        return [n for n in _state_names(self.model) if not n.startswith(self.prefix) and not _tied(self.model, n)]
+
+    def begin(self, model: nn.Module, ids: list[torch.Tensor]) -> None:
+        """Copy the tensors outside the layers to the output; fill the embedding rows of `ids` and the final norm."""
+        self.tokens = int(sum(t.numel() for t in ids))
+        emb = model.get_input_embeddings()
+        emb_name = _param_name(model, emb.weight)
+        big = [n for n in self.outside_names() if self.source.nbytes(n) >= 16 * MIB]
+        for n in big:  # one at a time: the embedding table and the LM head are the largest tensors of a model
+            self.writer.write({n: _cast(self.source.load([n])[n], self.dtype)})
+        self.writer.write({n: _cast(t, self.dtype) for n, t in self.source.load([n for n in self.outside_names() if n not in big]).items()})
+        if not ids:  # a data-free method runs no tokens: the layers are all it needs
+            self._t = time.perf_counter()
+            return
+        used = torch.unique(torch.cat([t.reshape(-1) for t in ids]))
+        _RowsOnly(emb, used.to(self.device), _cast(self.source.rows(emb_name, used), self.dtype).to(self.device))
+        layers = decoder_layers(model, self.spec)
+        head = model.get_output_embeddings()
+        for name, mod in model.named_modules():
+            if mod is layers or mod is emb or mod is head or name.startswith(self.prefix) or not name:
+                continue
+            if any(p.is_meta for p in mod.parameters(recurse=False)):
+                prefix = name + "."
+                if all(prefix + n in self.source.keys() for n, _ in mod.named_parameters(recurse=False)):
+                    fill_direct(mod, prefix, self.source, self.dtype, self.device)
+            for bname, buf in list(mod.named_buffers(recurse=False)):
+                if not buf.is_meta:
+                    setattr(mod, bname, buf.to(self.device))
+        self._t = time.perf_counter()
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        self._t = time.perf_counter()
+        fill(layer, f"{self.prefix}{index}.", self.source, self.dtype, self.device)
+
+    def done(self, index: int, layer: nn.Module, stats: dict[str, Any]) -> None:
+        prefix = f"{self.prefix}{index}."
+        self.writer.write({prefix + k: v for k, v in layer.state_dict().items()})
+        layer.to("meta")
+        seconds = time.perf_counter() - self._t
+        rec = {"layer": index, "seconds": round(seconds, 3), "tokens_per_s": round(self.tokens / max(seconds, 1e-9), 1),
+               "peak_rss_mib": round(peak_rss_mib(), 1)}
+        stats["streaming"] = rec
+        self.per_layer.append(rec)
+        log.info("layer %d streamed: %.1f s, %.0f tokens/s, peak resident %.0f MiB", index, seconds, rec["tokens_per_s"], rec["peak_rss_mib"])
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def fill_direct(module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype, device: torch.device) -> None:
+    """Fill only `module`'s own parameters (not its children's)."""
+    for n, p in list(module.named_parameters(recurse=False)):
+        t = _cast(source.load([prefix + n])[prefix + n], dtype).to(device)
+        setattr(module, n, nn.Parameter(t, requires_grad=p.requires_grad))
+
+
+def _tied(model: nn.Module, name: str) -> bool:
+    return name == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _param_name(model: nn.Module, param: torch.Tensor) -> str:
+    return next(n for n, p in model.named_parameters(remove_duplicate=False) if p is param)
+
+
+# --------------------------------------------------------------------------- estimates, checks before the first layer
+
+
+def estimate_memory(cfg, model: nn.Module, spec, source: WeightSource, calibration, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes the streaming conversion holds at most: one layer, the calibration activations, the used embedding rows.
+
+    Activations: the hidden states of the calibration and held-out tokens are held about five times
+    (stream, layer output, MLP inputs, MLP output, next input) plus one chunk of MLP intermediate activations.
+    """
+    hidden = int(cfg.hidden_size)
+    layers = decoder_layers(model, spec)
+    layer0 = sum(p.numel() for p in layers[0].parameters()) * 4  # fp32 while converting
+    tokens = calibration.samples * calibration.seq_len + calibration.heldout_tokens if calibration is not None else 0
+    item = torch.finfo(dtype).bits // 8
+    sizes = config_intermediate_sizes(cfg)
+    inter = max(sizes) if sizes else 0
+    acts = 5 * tokens * hidden * 4 + min(tokens, 4096) * inter * 4 * 3
+    emb = min(tokens, int(cfg.vocab_size)) * hidden * item
+    biggest = max((source.nbytes(n) for n in source.keys() if not n.startswith(_layers_prefix(spec))), default=0)
+    return {"layer": layer0, "activations": acts, "embedding_rows": emb, "largest_outside_tensor": biggest,
+            "total": layer0 * 2 + acts + emb}
+
+
+def output_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the output weights (the dense model's size: a conversion never adds more than its routers)."""
+    item = torch.finfo(dtype).bits // 8
+    return int(sum(p.numel() for n, p in model.named_parameters() if not _tied(model, n)) * item * 1.02)
+
+
+def parse_memory(text: str | int | None) -> int | None:
+    """'1.5GB', '800MiB', '2G', or bytes -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise InputError(f"--max-memory {text!r}: give a size such as 1.5GB, 800MB or 2GiB.")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def convert_streaming(
+    model: str | os.PathLike | None,
+    config: MethodConfig,
+    output: str | os.PathLike,
+    *,
+    calibration: Any = None,
+    tokenizer: Any = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "cpu",
+    max_memory: str | int | None = None,
+    overwrite: bool = False,
+    refit: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    before_rename: Callable[[Path, dict], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Convert `model` (a safetensors folder, a .gguf file, a hub id in the cache, or None for the default) from disk to
+    `output` one decoder layer at a time; the checkpoint is the one `convert` + `save` write.
+
+    device: where each layer computes (cpu | cuda | auto); layers are moved there for their turn and back.
+    max_memory: refuse up front (e.g. "1.5GB") when the estimate of what the conversion holds exceeds it.
+    before_rename(tmp_dir, moeify_config): runs on the finished checkpoint before it is renamed into place
+    (the CLI scores perplexity there and records it).
+
+    Returns (output path, config.json["moeify"]).
+    """
+    if not isinstance(config, MethodConfig):
+        raise InputError(f"config must be a moeify method config (e.g. moeify.CMoEConfig()), got {type(config).__name__}.")
+    if refit and not config.needs_calibration:
+        raise InputError(f"--refit needs calibration data, and {config.method!r} is data-free: use a calibrated method "
+                         "(cmoe, moefication, llama-moe, expertweaver, prune) or drop --refit.")
+    if config.needs_calibration and calibration is None:
+        raise InputError(f"method {config.method!r} needs calibration data: pass calibration=moeify.Calibration(...).")
+    dev = resolve_device(device)
+    dt = parse_dtype(dtype)
+    path = resolve_model_path(model)
+    if not Path(path).exists():
+        raise InputError(f"streaming conversion reads a local model folder or .gguf file; {path!r} is neither. Download it "
+                         "first (e.g. huggingface-cli download), or convert in memory (moeify convert --in-memory).")
+    out = prepare_output(output, overwrite)
+    cfg = load_config(path, trust_remote_code=trust_remote_code)
+    config.check(config_intermediate_sizes(cfg))
+    tok = tokenizer if tokenizer is not None else _tokenizer_if_any(path, trust_remote_code)
+    net = skeleton(cfg, dt, trust_remote_code)
+    net._moeify_origin = str(model) if model is not None else None
+    if net._moeify_origin is None:
+        from ..data.assets import DEFAULT_ALIASES
+
+        net._moeify_origin = DEFAULT_ALIASES[-1]
+    spec = spec_for(net)
+    act = activation_name(net.config, spec)
+    sites = list(mlp_sites(net, spec))
+    sizes = site_sizes(net, config, sites, spec, act)
+    source = open_source(path, net)
+    if calibration is not None and config.needs_calibration:
+        calibration.validate(tok)
+    calibration, state = prepare_calibration(net, config, calibration, tok)
+    estimate = estimate_memory(cfg, net, spec, source, calibration if config.needs_calibration else None, dt)
+    limit = parse_memory(max_memory)
+    if limit is not None and estimate["total"] > limit:
+        raise InputError(
+            f"--max-memory {max_memory}: this conversion needs about {estimate['total'] / MIB:.0f} MiB (one layer "
+            f"{estimate['layer'] / MIB:.0f} MiB, calibration activations {estimate['activations'] / MIB:.0f} MiB, embedding rows "
+            f"{estimate['embedding_rows'] / MIB:.0f} MiB); lower --samples or --seq-len, or raise --max-memory."
+        )
+    need = output_bytes(net, dt)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise InputError(f"output {out}: the checkpoint needs about {need / (1 << 30):.2f} GiB and {out.parent} has "
+                         f"{free / (1 << 30):.2f} GiB free; free some space or write elsewhere (-o).")
+
+    layers = decoder_layers(net, spec)
+    dense_params = sum(p.numel() for n, p in net.named_parameters() if not _tied(net, n))
+    t0 = time.perf_counter()
+    with staged_dir(out) as tmp:
+        outside = [n for n in _state_names(net) if not n.startswith(_layers_prefix(spec)) and not _tied(net, n)]
+        writer = ShardWriter(tmp, total=len(layers) + len(outside))
+        loader = LayerLoader(net, spec, source, writer, dt, dev)
+        if config.needs_calibration:
+            from .sequential import convert_sequential
+
+            plans, extra = convert_sequential(net, config, calibration, state, tokenizer=tok, progress=progress, refit=refit, loader=loader)
+        else:
+            loader.begin(net, [])
+            plans, extra = convert_weights_only(net, config, sites, spec, act, progress, loader=loader)
+        writer.finish()
+        extra["streaming"] = {"source": source.kind, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+                              "peak_rss_mib": round(peak_rss_mib(), 1), "estimate_mib": {k: round(v / MIB, 1) for k, v in estimate.items()},
+                              "max_memory_mib": round(limit / MIB, 1) if limit is not None else None,
+                              "output_bytes": writer.bytes, "per_layer": loader.per_layer,
+                              "parameters": {"dense": dense_params, "converted": sum(p.numel() for n, p in net.named_parameters() if not _tied(net, n))}}
+        moeify_cfg = moeify_config(net, config, plans, sizes, extra, time.perf_counter() - t0, refit)
+        source.close()
+        net = as_moeify_model(net, moeify_cfg)
+        _write_metadata(net, tmp, tok, path)
+        if before_rename is not None:
+            before_rename(tmp, net.config.moeify)
+            net.config.save_pretrained(str(tmp))
+            (tmp / "README.md").write_text(model_card(net))
+    log_converted(moeify_cfg)
+    return out, net.config.moeify
+
+
+def _tokenizer_if_any(path: str, trust_remote_code: bool):
+    """The model's tokenizer; None for a checkpoint without one (calibration given as token windows needs none)."""
+    try:
+        return load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except InputError:
+        return None
+
+
+def _write_metadata(net: nn.Module, tmp: Path, tok, path: str) -> None:
+    net.config.save_pretrained(str(tmp))
+    gen = getattr(net, "generation_config", None)
+    src_gen = Path(path) / "generation_config.json" if Path(path).is_dir() else None
+    if src_gen is not None and src_gen.is_file():
+        shutil.copyfile(src_gen, tmp / "generation_config.json")
+    elif gen is not None:
+        gen.save_pretrained(str(tmp))
+    if tok is not None:
+        tok.save_pretrained(str(tmp))
+    (tmp / "README.md").write_text(model_card(net))
+
+
+__all__ = ["LayerLoader", "ShardWriter", "convert_streaming", "estimate_memory", "parse_memory", "peak_rss_mib", "resolve_device", "skeleton"]
