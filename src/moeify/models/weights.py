@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -45,6 +45,14 @@ class WeightSource:
         """Bytes of the tensor once read in its stored dtype (an upper bound for quantised GGUF tensors: float32)."""
         raise NotImplementedError
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def row_blocks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        """The tensor in blocks of `rows` rows, in order (a block at a time in memory: embedding tables, LM heads)."""
+        t = self.load([name])[name]
+        yield from t.split(rows)
+
     def close(self) -> None:
         pass
 
@@ -66,12 +74,15 @@ class SafetensorsSource(WeightSource):
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
             weight_map = None
-        self._handles = {f: safe_open(str(self.folder / f), framework="pt") for f in files}
         self._where: dict[str, str] = {}
-        for f, h in self._handles.items():
-            for k in h.keys():
-                if weight_map is None or weight_map.get(k) == f:
-                    self._where[k] = f
+        self._shapes: dict[str, tuple[list[int], str]] = {}
+        for f in files:
+            with safe_open(str(self.folder / f), framework="pt") as h:
+                for k in h.keys():
+                    if weight_map is None or weight_map.get(k) == f:
+                        self._where[k] = f
+                        sl = h.get_slice(k)
+                        self._shapes[k] = (list(sl.get_shape()), sl.get_dtype())
         if model is not None:  # names on disk that are not the modules' (transformers renames on load, e.g. fused experts)
             wanted = {k for k in model.state_dict() if not _tied(model, k)}
             missing = sorted(wanted - set(self._where), key=_natural)
@@ -85,8 +96,11 @@ class SafetensorsSource(WeightSource):
     def keys(self) -> set[str]:
         return set(self._where)
 
-    def _get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+    def _open(self, file: str):
+        """A shard opened for one read and closed after it: its memory map (pages count as resident) is released."""
+        from safetensors import safe_open
+
+        return safe_open(str(self.folder / file), framework="pt")
 
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)
@@ -94,31 +108,46 @@ class SafetensorsSource(WeightSource):
         if missing:
             raise InputError(f"{self.folder}: the checkpoint has no tensor(s) {missing[:3]}; it does not match its config.json "
                              "(re-download or re-save it).")
-        return {n: self._get(n) for n in names}
+        out: dict[str, torch.Tensor] = {}
+        for file in sorted({self._where[n] for n in names}):
+            with self._open(file) as h:
+                out.update({n: h.get_tensor(n) for n in names if self._where[n] == file})
+        return {n: out[n] for n in names}
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        sl = self._handles[self._where[name]].get_slice(name)
-        n = sl.get_shape()[0]
+        """Read in blocks of rows, keeping the wanted ones (a block at a time in memory)."""
+        n = self._shapes[name][0][0]
         chunk = 4096
         ids = ids.long()
         order = torch.argsort(ids)
         sorted_ids = ids[order]
         parts = []
-        for a in range(0, n, chunk):
-            sel = sorted_ids[(sorted_ids >= a) & (sorted_ids < a + chunk)]
-            if sel.numel():
-                parts.append(sl[a : a + chunk][sel - a])
-        out = torch.cat(parts) if parts else torch.empty(0)
+        with self._open(self._where[name]) as h:
+            sl = h.get_slice(name)
+            for a in range(0, n, chunk):
+                sel = sorted_ids[(sorted_ids >= a) & (sorted_ids < a + chunk)]
+                if sel.numel():
+                    parts.append(sl[a : a + chunk][sel - a])
+        out = torch.cat(parts)
         res = torch.empty_like(out)
         res[order] = out
         return res
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._shapes[name][0])
+
+    def row_blocks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        n = self._shapes[name][0][0]
+        for a in range(0, n, rows):
+            with self._open(self._where[name]) as h:
+                yield h.get_slice(name)[a : a + rows]
+
     def nbytes(self, name: str) -> int:
-        sl = self._handles[self._where[name]].get_slice(name)
+        shape, dtype = self._shapes[name]
         numel = 1
-        for d in sl.get_shape():
+        for d in shape:
             numel *= int(d)
-        return numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        return numel * _DTYPE_BYTES.get(dtype, 4)
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
@@ -159,6 +188,7 @@ class GGUFSource(WeightSource):
 
         gguf_to_hf = get_gguf_hf_weights_map(model, self.processor, model_type=base_model_type(model.config))
         self._tensors = {t.name: t for t in self.reader.tensors}
+        self.reader.fields.clear()  # the tokenizer's vocabulary and merges as numpy views: hundreds of MiB, not needed here
         self._where = {hf: g for g, hf in gguf_to_hf.items() if g in self._tensors}
         if getattr(model.config, "tie_word_embeddings", False):
             self._where.pop("lm_head.weight", None)
@@ -187,7 +217,17 @@ class GGUFSource(WeightSource):
         w = dequantize(data, t.tensor_type)
         if rows is None:
             w = self.processor.process(weights=w, name=t.name, tensor_key_mapping={}, parsed_parameters={"tensors": {}}).weights
-        return torch.from_numpy(np.ascontiguousarray(w).copy())
+        out = torch.from_numpy(np.ascontiguousarray(w).copy())
+        self._release()
+        return out
+
+    def _release(self) -> None:
+        """Drop the file's pages from this process's resident set (they stay in the page cache)."""
+        import mmap
+
+        mm = getattr(self.reader.data, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)
@@ -198,6 +238,18 @@ class GGUFSource(WeightSource):
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         return self._dequantize(name, rows=ids.long())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[self._where[name]].shape.tolist()))
+
+    def row_blocks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        """Dequantised a block of rows at a time; only for tensors the tensor processors leave unchanged."""
+        if self._where[name] not in ("token_embd.weight", "output.weight"):
+            yield from super().row_blocks(name, rows)
+            return
+        n = self.shape(name)[0]
+        for a in range(0, n, rows):
+            yield self._dequantize(name, rows=torch.arange(a, min(a + rows, n)))
 
     def nbytes(self, name: str) -> int:
         return int(self._tensors[self._where[name]].n_elements) * 4

@@ -54,6 +54,33 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc
+        return None
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to give large freed blocks back to the system (mmap them) instead of keeping them in its heap,
+    and to release what its heap holds free now.
+
+    Without it the heap keeps the largest activations of every layer after they are freed, and the
+    resident memory of a long streaming conversion drifts upwards. No effect off glibc.
+    """
+    import gc
+
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD: blocks of 256 KiB and more are mapped and unmapped
+        libc.malloc_trim(0)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """cpu | cuda[:N] | auto (cuda when available); a device that is not there is refused."""
     name = "auto" if device is None else str(device)
@@ -136,6 +163,37 @@ class ShardWriter:
         for k in cpu:
             self.weight_map[k] = name
 
+    def write_rows(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, blocks) -> None:
+        """One large tensor as its own shard, written block of rows by block (never whole in memory).
+
+        The safetensors layout (8-byte header length, JSON header, raw little-endian data) written
+        incrementally, since the safetensors package writes only whole tensors; read back by safe_open.
+        """
+        from safetensors.torch import _TYPES  # the package's own dtype names
+
+        self.count += 1
+        file = f"model-{self.count:05d}-of-{self.total:05d}.safetensors"
+        code = {v: k for k, v in _TYPES.items()}[dtype]
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        nbytes = numel * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else torch.iinfo(dtype).bits // 8)
+        header = json.dumps({"__metadata__": {"format": "pt"}, name: {"dtype": code, "shape": list(shape), "data_offsets": [0, nbytes]}},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        written = 0
+        with open(self.folder / file, "wb") as fh:
+            fh.write(len(header).to_bytes(8, "little"))
+            fh.write(header)
+            for block in blocks:
+                b = block.to(dtype).contiguous()
+                fh.write(b.reshape(-1).view(torch.uint8).numpy())
+                written += b.numel() * b.element_size()
+        if written != nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, expected {nbytes}")
+        self.bytes += nbytes
+        self.weight_map[name] = file
+
     def finish(self) -> None:
         if self.count != self.total:  # fewer groups than planned (e.g. nothing outside the layers): names still say "-of-total"
             for old in sorted(set(self.weight_map.values())):
@@ -165,9 +223,11 @@ class LayerLoader:
         self.tokens = int(sum(t.numel() for t in ids))
         emb = model.get_input_embeddings()
         emb_name = _param_name(model, emb.weight)
-        big = [n for n in self.outside_names() if self.source.nbytes(n) >= 16 * MIB]
-        for n in big:  # one at a time: the embedding table and the LM head are the largest tensors of a model
-            self.writer.write({n: _cast(self.source.load([n])[n], self.dtype)})
+        big = [n for n in self.outside_names() if self.source.nbytes(n) >= 16 * MIB and len(self.source.shape(n)) == 2]
+        for n in big:  # the embedding table and the LM head, the largest tensors of a model: a block of rows at a time
+            shape = self.source.shape(n)
+            rows = max(1, (8 * MIB) // (4 * shape[1]))
+            self.writer.write_rows(n, shape, self.dtype, self.source.row_blocks(n, rows))
         self.writer.write({n: _cast(t, self.dtype) for n, t in self.source.load([n for n in self.outside_names() if n not in big]).items()})
         if not ids:  # a data-free method runs no tokens: the layers are all it needs
             self._t = time.perf_counter()
@@ -320,6 +380,7 @@ def convert_streaming(
     sites = list(mlp_sites(net, spec))
     sizes = site_sizes(net, config, sites, spec, act)
     source = open_source(path, net)
+    return_freed_memory()
     if calibration is not None and config.needs_calibration:
         calibration.validate(tok)
     calibration, state = prepare_calibration(net, config, calibration, tok)
