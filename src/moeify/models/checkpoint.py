@@ -35,11 +35,13 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
-    """A local path or hub id; the default model (and its aliases) resolve to the offline cache."""
-    from ..data.assets import pull_default_model
+    """A local path or hub id; the default model, the 1.5B Qwen coder (and their aliases) resolve to the offline cache."""
+    from ..data.assets import QWEN_CODER_ALIASES, pull_default_model, pull_qwen_coder
 
     if name_or_path is None or str(name_or_path) in DEFAULT_ALIASES:
         return str(pull_default_model())
+    if str(name_or_path).lower() in QWEN_CODER_ALIASES:  # the GGUF asset (the hub id itself stays a hub id)
+        return str(pull_qwen_coder())
     return str(name_or_path)
 
 

@@ -176,6 +176,7 @@ def convert_sequential(model, config: MethodConfig, calibration, state: Any = No
         if "calibration_error" in done.stats:
             bar.set_postfix(err=f"{done.stats['calibration_error']:.3f}")
         log.info("layer %d: %s", i, _layer_line(done.stats))
+        del done, outs, caps, h_outs, h_caps  # the replaced MLP and this layer's activations go before the next layer
     model.train(was_training)
     return plans, _summary(per_layer, calibration, held_ids, t0)
 
