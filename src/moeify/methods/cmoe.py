@@ -270,8 +270,10 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
         tok = torch.arange(T)[:, None].expand_as(marks)
         keep = col[marks] >= 0
         feats[col[marks][keep], tok[keep]] = 1.0
-    else:
-        feats = torch.nn.functional.normalize(contrib[:, routed_t].T.contiguous(), dim=1)
+    else:  # unit rows of |h_i| ||d_i|| over the tokens, built a block of neurons at a time (no [T, routed] copies)
+        feats = contrib.new_empty(routed.size, T)
+        for a in range(0, routed.size, 512):
+            feats[a : a + 512] = torch.nn.functional.normalize(contrib[:, routed_t[a : a + 512]].T.contiguous(), dim=1)
     del contrib
     assign, cent, iters = balanced_kmeans(feats, sizes, np.arange(N), cfg.max_iters, cfg.solver)
     info["cluster_iterations"] = iters

@@ -47,6 +47,7 @@ from .convert import config_intermediate_sizes, convert_weights_only, log_conver
 log = logging.getLogger("moeify")
 
 MIB = 1 << 20
+BIG_TENSOR_BYTES = 16 * MIB  # tensors outside the layers from this size on are written a block of rows at a time
 
 
 def peak_rss_mib() -> float:
@@ -63,6 +64,13 @@ def _libc():
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:  # not glibc
         return None
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; every arena)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def return_freed_memory() -> None:
@@ -151,48 +159,48 @@ class ShardWriter:
         self.bytes = 0
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        if not tensors:
-            return
-        self.count += 1
-        name = f"model-{self.count:05d}-of-{self.total:05d}.safetensors"
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(self.folder / name), metadata={"format": "pt"})
-        self.bytes += sum(v.numel() * v.element_size() for v in cpu.values())
-        for k in cpu:
-            self.weight_map[k] = name
+        """A group of tensors (one decoder layer) as one shard, each written from its own memory (no copies)."""
+        if tensors:
+            self._shard([(k, tuple(v.shape), v.dtype, [v]) for k, v in tensors.items()])
 
     def write_rows(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, blocks) -> None:
-        """One large tensor as its own shard, written block of rows by block (never whole in memory).
+        """One large tensor as its own shard, written block of rows by block (never whole in memory)."""
+        self._shard([(name, tuple(shape), dtype, blocks)])
 
-        The safetensors layout (8-byte header length, JSON header, raw little-endian data) written
-        incrementally, since the safetensors package writes only whole tensors; read back by safe_open.
-        """
+    def _shard(self, entries: list[tuple[str, tuple[int, ...], torch.dtype, Any]]) -> None:
+        """The safetensors layout (8-byte header length, JSON header, raw little-endian data), written incrementally:
+        the safetensors package writes only whole tensors through a bytes copy of each; files are read back by safe_open."""
         from safetensors.torch import _TYPES  # the package's own dtype names
 
+        codes = {v: k for k, v in _TYPES.items()}
         self.count += 1
         file = f"model-{self.count:05d}-of-{self.total:05d}.safetensors"
-        code = {v: k for k, v in _TYPES.items()}[dtype]
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        nbytes = numel * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else torch.iinfo(dtype).bits // 8)
-        header = json.dumps({"__metadata__": {"format": "pt"}, name: {"dtype": code, "shape": list(shape), "data_offsets": [0, nbytes]}},
-                            separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        written = 0
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        sizes = []
+        for name, shape, dtype, _ in entries:
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            sizes.append(nbytes)
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
         with open(self.folder / file, "wb") as fh:
-            fh.write(len(header).to_bytes(8, "little"))
-            fh.write(header)
-            for block in blocks:
-                b = block.to(dtype).contiguous()
-                fh.write(b.reshape(-1).view(torch.uint8).numpy())
-                written += b.numel() * b.element_size()
-        if written != nbytes:
-            raise RuntimeError(f"{name}: wrote {written} bytes, expected {nbytes}")
-        self.bytes += nbytes
-        self.weight_map[name] = file
+            fh.write(len(head).to_bytes(8, "little"))
+            fh.write(head)
+            for (name, _, dtype, blocks), nbytes in zip(entries, sizes):
+                written = 0
+                for block in blocks:
+                    b = block.detach().to("cpu", dtype).contiguous().reshape(-1)
+                    fh.write(b.view(torch.uint8).numpy())
+                    written += b.numel() * b.element_size()
+                if written != nbytes:
+                    raise RuntimeError(f"{name}: wrote {written} bytes, expected {nbytes}")
+                self.weight_map[name] = file
+        self.bytes += offset
 
     def finish(self) -> None:
         if self.count != self.total:  # fewer groups than planned (e.g. nothing outside the layers): names still say "-of-total"
@@ -223,7 +231,7 @@ class LayerLoader:
         self.tokens = int(sum(t.numel() for t in ids))
         emb = model.get_input_embeddings()
         emb_name = _param_name(model, emb.weight)
-        big = [n for n in self.outside_names() if self.source.nbytes(n) >= 16 * MIB and len(self.source.shape(n)) == 2]
+        big = [n for n in self.outside_names() if self.source.nbytes(n) >= BIG_TENSOR_BYTES and len(self.source.shape(n)) == 2]
         for n in big:  # the embedding table and the LM head, the largest tensors of a model: a block of rows at a time
             shape = self.source.shape(n)
             rows = max(1, (8 * MIB) // (4 * shape[1]))
@@ -256,6 +264,7 @@ class LayerLoader:
         prefix = f"{self.prefix}{index}."
         self.writer.write({prefix + k: v for k, v in layer.state_dict().items()})
         layer.to("meta")
+        trim_heap()
         seconds = time.perf_counter() - self._t
         rec = {"layer": index, "seconds": round(seconds, 3), "tokens_per_s": round(self.tokens / max(seconds, 1e-9), 1),
                "peak_rss_mib": round(peak_rss_mib(), 1)}
