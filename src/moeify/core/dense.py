@@ -52,16 +52,15 @@ class GatedWeights:
         return g, g * gu[:, d_h:]
 
     def hidden(self, x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-        """h(x) [T, I] float32: fused gate/up matmuls over blocks of `chunk` tokens written into one output
-        (the [T, 2I] gate/up product of all tokens at once would triple the memory)."""
-        d_h = self.intermediate_size
-        gu_w = torch.cat([self.gate, self.up]).float().T
+        """h(x) [T, I] float32, over blocks of `chunk` tokens written into one output (no [T, 2I] gate/up
+        product of all tokens at once, no transposed copy of the weights)."""
+        gate, up = self.gate.float(), self.up.float()
         x = x.float()
-        h = x.new_empty(x.shape[0], d_h)
+        h = x.new_empty(x.shape[0], self.intermediate_size)
         act = activation(self.act)
         for a in range(0, x.shape[0], chunk):
-            gu = x[a : a + chunk] @ gu_w
-            torch.mul(act(gu[:, :d_h]), gu[:, d_h:], out=h[a : a + chunk])
+            xa = x[a : a + chunk]
+            torch.mul(act(torch.nn.functional.linear(xa, gate)), torch.nn.functional.linear(xa, up), out=h[a : a + chunk])
         return h
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -137,38 +137,52 @@ def convert_sequential(model, config: MethodConfig, calibration, state: Any = No
     if loader is not None:
         loader.begin(model, [t for t in (cal_ids, held_ids) if t is not None])
         device = loader.device
+    t = time.perf_counter()
     cal = LayerStream(model, spec, cal_ids, calibration.batch_size, device=device)
     held = LayerStream(model, spec, held_ids, calibration.batch_size, device=device) if held_ids is not None else None
+    t_embed = time.perf_counter() - t
     layers = decoder_layers(model, spec)
     plans: list[Any] = []
     per_layer: list[dict[str, Any]] = []
     bar = tqdm(list(mlp_sites(model, spec)), desc=f"{config.method} (calibrated)", unit="layer", disable=not progress)
+    stages = {"forward": 0.0, "plan": 0.0, "heldout": 0.0}
     for site in bar:
         i, layer = site.layer, layers[site.layer]
         if loader is not None:
             loader.load(i, layer)
         convert_site = _CONVERTERS.get(site.kind)
         if convert_site is None:
+            t = time.perf_counter()
             cal.step(layer, i)
             if held is not None:
                 held.step(layer, i)
+            stages["forward"] += time.perf_counter() - t
             plans.append(None)
             if loader is not None:
                 loader.done(i, layer, {"layer": i})
             continue
         post = _post_norm(layer, spec)
         parent, attr = _target(site, spec)
+        t = time.perf_counter()
         outs, caps = cal.run_captured(layer, i, parent, attr)
         # the held-out inputs of this MLP (they depend only on the layers before it): the refit chooses its ridge on them
         h_outs, h_caps = held.run_captured(layer, i, parent, attr) if held is not None else (None, None)
+        t_fwd = time.perf_counter() - t
+        t = time.perf_counter()
         done = convert_site(site, caps, spec, act, config, state, calibration.sequential, h_caps, refit)
         setattr(parent, attr, done.module)
+        t_plan = time.perf_counter() - t
+        t = time.perf_counter()
         cal.advance(outs, done.feed, post)
         if held is not None:
             ys, fid = done.heldout(h_caps)
             if fid:
                 done.stats["router_fidelity"] = fid
             held.advance(h_outs, ys, post)
+        t_held = time.perf_counter() - t
+        done.stats["seconds"] = {"forward": round(t_fwd, 3), "plan": round(t_plan, 3), "heldout": round(t_held, 3)}
+        for k, v in zip(("forward", "plan", "heldout"), (t_fwd, t_plan, t_held)):
+            stages[k] += v
         plans.append(done.plan)
         per_layer.append(done.stats)
         if loader is not None:
@@ -178,7 +192,9 @@ def convert_sequential(model, config: MethodConfig, calibration, state: Any = No
         log.info("layer %d: %s", i, _layer_line(done.stats))
         del done, outs, caps, h_outs, h_caps  # the replaced MLP and this layer's activations go before the next layer
     model.train(was_training)
-    return plans, _summary(per_layer, calibration, held_ids, t0)
+    extra = _summary(per_layer, calibration, held_ids, t0)
+    extra["stage_seconds"] = {"embed": round(t_embed, 3), **{k: round(v, 3) for k, v in stages.items()}}
+    return plans, extra
 
 
 def _summary(per_layer: list[dict[str, Any]], calibration, held_ids, t0: float) -> dict[str, Any]:

@@ -222,12 +222,15 @@ class LayerLoader:
         self.per_layer: list[dict[str, Any]] = []
         self.tokens = 0
         self._t = 0.0
+        self.seconds = {"outside": 0.0, "read": 0.0, "write": 0.0}
+        self._read = 0.0
 
     def outside_names(self) -> list[str]:
         return [n for n in _state_names(self.model) if not n.startswith(self.prefix) and not _tied(self.model, n)]
 
     def begin(self, model: nn.Module, ids: list[torch.Tensor]) -> None:
         """Copy the tensors outside the layers to the output; fill the embedding rows of `ids` and the final norm."""
+        t0 = time.perf_counter()
         self.tokens = int(sum(t.numel() for t in ids))
         emb = model.get_input_embeddings()
         emb_name = _param_name(model, emb.weight)
@@ -239,6 +242,7 @@ class LayerLoader:
         self.writer.write({n: _cast(t, self.dtype) for n, t in self.source.load([n for n in self.outside_names() if n not in big]).items()})
         if not ids:  # a data-free method runs no tokens: the layers are all it needs
             self._t = time.perf_counter()
+            self.seconds["outside"] = self._t - t0
             return
         used = torch.unique(torch.cat([t.reshape(-1) for t in ids]))
         _RowsOnly(emb, used.to(self.device), _cast(self.source.rows(emb_name, used), self.dtype).to(self.device))
@@ -255,19 +259,25 @@ class LayerLoader:
                 if not buf.is_meta:
                     setattr(mod, bname, buf.to(self.device))
         self._t = time.perf_counter()
+        self.seconds["outside"] = self._t - t0
 
     def load(self, index: int, layer: nn.Module) -> None:
         self._t = time.perf_counter()
         fill(layer, f"{self.prefix}{index}.", self.source, self.dtype, self.device)
+        self._read = time.perf_counter() - self._t
+        self.seconds["read"] += self._read
 
     def done(self, index: int, layer: nn.Module, stats: dict[str, Any]) -> None:
         prefix = f"{self.prefix}{index}."
+        t = time.perf_counter()
         self.writer.write({prefix + k: v for k, v in layer.state_dict().items()})
         layer.to("meta")
         trim_heap()
+        write = time.perf_counter() - t
+        self.seconds["write"] += write
         seconds = time.perf_counter() - self._t
-        rec = {"layer": index, "seconds": round(seconds, 3), "tokens_per_s": round(self.tokens / max(seconds, 1e-9), 1),
-               "peak_rss_mib": round(peak_rss_mib(), 1)}
+        rec = {"layer": index, "seconds": round(seconds, 3), "read_seconds": round(self._read, 3), "write_seconds": round(write, 3),
+               "tokens_per_s": round(self.tokens / max(seconds, 1e-9), 1), "peak_rss_mib": round(peak_rss_mib(), 1)}
         stats["streaming"] = rec
         self.per_layer.append(rec)
         log.info("layer %d streamed: %.1f s, %.0f tokens/s, peak resident %.0f MiB", index, seconds, rec["tokens_per_s"], rec["peak_rss_mib"])
@@ -426,6 +436,7 @@ def convert_streaming(
                               "peak_rss_mib": round(peak_rss_mib(), 1), "estimate_mib": {k: round(v / MIB, 1) for k, v in estimate.items()},
                               "max_memory_mib": round(limit / MIB, 1) if limit is not None else None,
                               "output_bytes": writer.bytes, "per_layer": loader.per_layer,
+                              "stage_seconds": {k: round(v, 3) for k, v in loader.seconds.items()},
                               "parameters": {"dense": dense_params, "converted": sum(p.numel() for n, p in net.named_parameters() if not _tied(net, n))}}
         moeify_cfg = moeify_config(net, config, plans, sizes, extra, time.perf_counter() - t0, refit)
         source.close()
