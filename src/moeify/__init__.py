@@ -28,6 +28,7 @@ from .finetuning import FinetuneConfig, finetune  # noqa: E402
 from .methods import CMoEConfig, ExpertWeaverConfig, LlamaMoEConfig, MLPMoEConfig, MoEficationConfig, PruneConfig  # noqa: E402
 from .models.checkpoint import load, load_model, save  # noqa: E402
 from .pipeline.convert import convert  # noqa: E402
+from .pipeline.streaming import convert_streaming  # noqa: E402
 
 __all__ = [
     "AssetError",
@@ -47,6 +48,7 @@ __all__ = [
     "PruneConfig",
     "config_for",
     "convert",
+    "convert_streaming",
     "finetune",
     "load",
     "load_model",
