@@ -221,26 +221,8 @@ def convert(
     baseline = copy.deepcopy(dense) if evaluate else None
     dense_params = count_parameters(dense)
     converted = run_convert(dense, cfg, calibration=calibration, tokenizer=tok, refit=refit)
-    summary = converted.config.moeify["summary"]
-    result: dict[str, Any] = {
-        "method": cfg.method,
-        "config": cfg.to_dict()["_data"],
-        "refit": refit,
-        "model": model_label(model),
-        "model_provenance": model_provenance(model),
-        "active_mlp_fraction": summary["active_mlp_fraction"],
-        "mlp_params_removed_fraction": summary["mlp_params_removed_fraction"],
-        "seconds": summary["seconds"],
-        "load_seconds": load_s,
-        "parameters": {"dense": dense_params, "converted": count_parameters(converted)},
-        "summary": summary,
-    }
-    if "router_fidelity" in summary:
-        result["router_fidelity"] = {
-            "mean": summary["router_fidelity"],
-            "per_layer": [lay.get("router_fidelity", {}).get("overlap") for lay in summary.get("per_layer", [])],
-            "heldout_tokens": summary.get("calibration", {}).get("heldout_tokens"),
-        }
+    result = _convert_result(cfg, model, refit, converted.config.moeify["summary"],
+                             {"dense": dense_params, "converted": count_parameters(converted)}, load_seconds=load_s)
     if evaluate:
         ppl_res = _compare_ppl(converted, baseline, windows, quick, dtype)
         converted.config.moeify["metrics"] = {"ppl": ppl_res}
@@ -278,8 +260,21 @@ def _convert_streaming(path, model, cfg, output, *, overwrite, calibration, tok,
     out, mo = convert_streaming(path, cfg, output, calibration=calibration, tokenizer=tok, dtype=dtype, device=device,
                                 max_memory=max_memory, overwrite=overwrite, refit=refit, trust_remote_code=trust_remote_code,
                                 before_rename=evaluate if windows else None)
-    summary = mo["summary"]
-    st = summary["streaming"]
+    st = mo["summary"]["streaming"]
+    result = _convert_result(cfg, model, refit, mo["summary"], {"dense": params.get("dense", st["parameters"]["dense"]),
+                                                               "converted": params.get("converted", st["parameters"]["converted"])},
+                             streaming={k: v for k, v in st.items() if k != "per_layer"}, per_layer_streaming=st["per_layer"],
+                             peak_rss_mib=peak_rss())
+    if scores:
+        result["ppl"] = scores
+    result["output"] = str(out)
+    result["environment"] = _environment()
+    _print_convert(result)
+    _write_json(json_out, result)
+
+
+def _convert_result(cfg, model, refit: bool, summary: dict[str, Any], parameters: dict[str, int], **extra) -> dict[str, Any]:
+    """The JSON of `moeify convert` (in memory or streamed)."""
     result: dict[str, Any] = {
         "method": cfg.method,
         "config": cfg.to_dict()["_data"],
@@ -289,10 +284,8 @@ def _convert_streaming(path, model, cfg, output, *, overwrite, calibration, tok,
         "active_mlp_fraction": summary["active_mlp_fraction"],
         "mlp_params_removed_fraction": summary["mlp_params_removed_fraction"],
         "seconds": summary["seconds"],
-        "streaming": {k: v for k, v in st.items() if k != "per_layer"},
-        "per_layer_streaming": st["per_layer"],
-        "peak_rss_mib": peak_rss(),
-        "parameters": {"dense": params.get("dense", st["parameters"]["dense"]), "converted": params.get("converted", st["parameters"]["converted"])},
+        **extra,
+        "parameters": parameters,
         "summary": summary,
     }
     if "router_fidelity" in summary:
@@ -301,12 +294,7 @@ def _convert_streaming(path, model, cfg, output, *, overwrite, calibration, tok,
             "per_layer": [lay.get("router_fidelity", {}).get("overlap") for lay in summary.get("per_layer", [])],
             "heldout_tokens": summary.get("calibration", {}).get("heldout_tokens"),
         }
-    if scores:
-        result["ppl"] = scores
-    result["output"] = str(out)
-    result["environment"] = _environment()
-    _print_convert(result)
-    _write_json(json_out, result)
+    return result
 
 
 def peak_rss() -> float:
