@@ -368,3 +368,23 @@ def test_smollm2_streamed_equals_in_memory(tmp_path):
     assert_same_checkpoint(mem, out)
     assert "lm_head.weight" not in tensors(out)
     assert mo["summary"]["streaming"]["peak_rss_mib"] > 0
+
+
+def test_cli_streamed_with_eval_scores_and_records_perplexity(tmp_path):
+    """--eval on a streamed conversion: dense vs converted perplexity on the staged checkpoint, recorded in its config."""
+    from moeify.cli import app
+
+    src = save_tiny_llama(tmp_path / "src")
+    (tmp_path / "c.txt").write_text(" ".join(f"w{(i * 7) % 120}" for i in range(6000)))
+    r = CliRunner().invoke(app, ["convert", str(src), "--method", "cmoe", "--opt", "layout=S1A2E6", "--calib", str(tmp_path / "c.txt"),
+                                 "--samples", "4", "--seq-len", "64", "--ppl", str(tmp_path / "c.txt"), "-o", str(tmp_path / "st"),
+                                 "--json", str(tmp_path / "st.json")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "st.json").read_text())
+    ppl = next(iter(res["ppl"].values()))
+    assert ppl["baseline"] > 1 and ppl["model"] > 1 and abs(ppl["ratio"] - ppl["model"] / ppl["baseline"]) < 1e-9
+    saved = json.loads((tmp_path / "st" / "config.json").read_text())["moeify"]
+    assert next(iter(saved["metrics"]["ppl"].values()))["model"] == ppl["model"]
+    assert "perplexity" in (tmp_path / "st" / "README.md").read_text().lower()
+    again, _ = moeify.load(tmp_path / "st")
+    assert res["parameters"]["converted"] == sum(p.numel() for p in again.parameters())
