@@ -388,3 +388,29 @@ def test_cli_streamed_with_eval_scores_and_records_perplexity(tmp_path):
     assert "perplexity" in (tmp_path / "st" / "README.md").read_text().lower()
     again, _ = moeify.load(tmp_path / "st")
     assert res["parameters"]["converted"] == sum(p.numel() for p in again.parameters())
+
+
+def test_an_emptied_layer_leaves_no_weights_behind(tmp_path):
+    """After a layer is written, nothing holds its real weights (the kernels' prepared state did, for blocks run on held-out tokens)."""
+    import gc
+    import weakref
+
+    from moeify.kernels import common
+
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    refs = []
+    done = LayerLoader.done
+
+    def spy(self, i, layer, stats):
+        refs.extend(weakref.ref(t) for m in layer.modules() for t in common._PREPARED.get(m, {}).values())
+        refs.extend(weakref.ref(p) for p in layer.parameters())
+        done(self, i, layer, stats)
+
+    LayerLoader.done = spy
+    try:
+        convert_streaming(tmp_path / "src", moeify.MoEficationConfig(experts=4, fraction=0.5, router_steps=5), tmp_path / "st",
+                          calibration=_cal(), progress=False)
+    finally:
+        LayerLoader.done = done
+    gc.collect()
+    assert refs and all(r() is None for r in refs)

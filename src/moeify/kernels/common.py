@@ -142,6 +142,13 @@ def prepared(block, x: torch.Tensor) -> Prepared:
     return p
 
 
+def forget(module) -> None:
+    """Drop the prepared state of every block inside `module` (it holds views of their weights: after the
+    weights are moved or freed, e.g. a streamed layer emptied to the meta device, it would keep them alive)."""
+    for m in module.modules():
+        _PREPARED.pop(m, None)
+
+
 def new_accumulator(block, x: torch.Tensor, p: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The shared expert's output (+ bias [H]) as the float accumulator (zeros without a shared expert)."""
     T = x.shape[0]

@@ -38,6 +38,7 @@ from torch import nn
 from ..core.files import prepare_output, staged_dir
 from ..core.method import MethodConfig
 from ..errors import InputError
+from ..kernels.common import forget
 from ..models.arch import activation_name, base_model_type, decoder_layers, mlp_sites, spec_for
 from ..models.checkpoint import load_config, load_tokenizer, parse_dtype, resolve_model_path
 from ..models.modeling import as_moeify_model, model_card
@@ -272,6 +273,7 @@ class LayerLoader:
         t = time.perf_counter()
         self.writer.write({prefix + k: v for k, v in layer.state_dict().items()})
         layer.to("meta")
+        forget(layer)  # the kernels' per-block state holds views of the real weights
         trim_heap()
         write = time.perf_counter() - t
         self.seconds["write"] += write
