@@ -251,10 +251,16 @@ def test_unsupported_architecture_is_refused(tmp_path, no_layer_runs):
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_checkpoint_stored_per_expert_points_to_in_memory(arch, tmp_path, no_layer_runs):
+def test_moe_models_stored_per_expert_stream_hierarchically(arch, tmp_path):
+    """MoE checkpoints store one tensor per expert (fused by transformers on load): converted layer by layer with
+    transformers' own mapping, and written back under the names it saves; the same checkpoint as in memory."""
     tiny_model(arch).save_pretrained(tmp_path / "src")
-    with pytest.raises(InputError, match="--in-memory"):
-        convert_streaming(tmp_path / "src", CMoEConfig(layout="S1A2E6"), tmp_path / "st", calibration=_cal(), progress=False)
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as h:
+        assert any(".experts.0." in k for k in h.keys())  # the per-expert layout on disk
+    mem = _in_memory(tiny_model(arch), CMoEConfig(layout="S1A2E4"), tmp_path / "mem")
+    out, mo = convert_streaming(tmp_path / "src", CMoEConfig(layout="S1A2E4"), tmp_path / "st", calibration=_cal(), progress=False)
+    assert all(lay["kind"] == "hierarchical" for lay in mo["layers"])
+    assert_same_checkpoint(mem, out)
 
 
 def test_devices(monkeypatch):
@@ -416,3 +422,15 @@ def test_an_emptied_layer_leaves_no_weights_behind(tmp_path):
     finally:
         LayerLoader.done = done
     assert len(alive) == 2 and all(n > 0 and still == 0 for n, still in alive), alive
+
+
+def test_checkpoint_missing_a_tensor_is_refused_before_any_layer(tmp_path, no_layer_runs):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    f = tmp_path / "src" / "model.safetensors"
+    sd = load_file(str(f))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"no tensor for 1 of the model's parameters \\(e.g. model.layers.1.mlp.up_proj.weight\\)"):
+        convert_streaming(tmp_path / "src", CMoEConfig(layout="S1A2E6"), tmp_path / "st", calibration=_cal(), progress=False)

@@ -7,7 +7,8 @@ then fills one decoder layer at a time from a `WeightSource` and empties it agai
 - safetensors: each shard is opened with `safe_open` (a memory map); a tensor is
   read when asked for. Checkpoints whose on-disk names differ from the modules'
   (transformers' conversion mappings: MoE models store one tensor per expert and
-  fuse them on load) are refused with a pointer to the in-memory path.
+  fuse them on load) are converted with that mapping, a layer at a time, and
+  written back under the names transformers saves (`checkpoint_names`).
 - GGUF: the `gguf` package's reader (a memory map) and dequantiser, one tensor at a
   time, with transformers' GGUF name map and tensor processors (the same
   dequantised values as `from_pretrained(..., gguf_file=...)`). Embedding rows are
@@ -83,15 +84,16 @@ class SafetensorsSource(WeightSource):
                         self._where[k] = f
                         sl = h.get_slice(k)
                         self._shapes[k] = (list(sl.get_shape()), sl.get_dtype())
-        if model is not None:  # names on disk that are not the modules' (transformers renames on load, e.g. fused experts)
+        self._model = model
+        self._renamed: dict[str, str] = {}  # on-disk name -> module name, where transformers converts on load
+        if model is not None:
             wanted = {k for k in model.state_dict() if not _tied(model, k)}
-            missing = sorted(wanted - set(self._where), key=_natural)
+            if wanted - set(self._where):  # e.g. MoE models store one tensor per expert, fused into one parameter on load
+                self._renamed = {k: _loaded_name(model, k) for k in self._where}
+            missing = sorted(wanted - set(self._where) - set(self._renamed.values()), key=_natural)
             if missing:
-                raise InputError(
-                    f"{self.folder}: {len(missing)} tensor(s) of the model are not stored under their module names (e.g. {missing[0]}); "
-                    "transformers converts this checkpoint format while loading (MoE models store one tensor per expert), which "
-                    "the streaming path does not do. Convert it in memory: moeify convert --in-memory (or moeify.convert)."
-                )
+                raise InputError(f"{self.folder}: the checkpoint has no tensor for {len(missing)} of the model's parameters (e.g. "
+                                 f"{missing[0]}); it does not match its config.json (re-download or re-save it).")
 
     def keys(self) -> set[str]:
         return set(self._where)
@@ -105,9 +107,24 @@ class SafetensorsSource(WeightSource):
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)
         missing = [n for n in names if n not in self._where]
+        if missing and self._renamed:
+            return self._load_converted(names)
         if missing:
             raise InputError(f"{self.folder}: the checkpoint has no tensor(s) {missing[:3]}; it does not match its config.json "
                              "(re-download or re-save it).")
+        return self._read(names)
+
+    def _load_converted(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The modules' tensors made from the on-disk ones by transformers' conversion mapping (the load direction)."""
+        wanted = set(names)
+        disk = [k for k, target in self._renamed.items() if target in wanted]
+        converted = convert_checkpoint_keys(self._model, self._read(disk))
+        missing = [n for n in names if n not in converted]
+        if missing:
+            raise InputError(f"{self.folder}: could not build {missing[:3]} from the checkpoint's tensors; it does not match its config.json.")
+        return {n: converted[n] for n in names}
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for file in sorted({self._where[n] for n in names}):
             with self._open(file) as h:
@@ -151,6 +168,58 @@ class SafetensorsSource(WeightSource):
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _conversions(model: nn.Module):
+    """(renamings, converters): transformers' checkpoint conversion mapping of this model (empty without one)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # pragma: no cover - a transformers without conversion mappings stores modules' names
+        return [], []
+    transforms = get_model_conversion_mapping(model, add_legacy=False) or []
+    return [t for t in transforms if not isinstance(t, WeightConverter)], [t for t in transforms if isinstance(t, WeightConverter)]
+
+
+def _loaded_name(model: nn.Module, key: str) -> str:
+    """The module name an on-disk tensor name becomes when transformers loads the checkpoint."""
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = _conversions(model)
+    return rename_source_key(key, renamings, converters)[0]
+
+
+def convert_checkpoint_keys(model: nn.Module, on_disk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """On-disk tensors -> the modules' tensors, with transformers' conversion mapping of `model` (renamings, then
+    converters such as per-expert tensors merged into one fused parameter); the same operations as from_pretrained."""
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = _conversions(model)
+    groups: dict[str, tuple[object, dict[str, list[torch.Tensor]]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(on_disk, key=_natural):  # experts in index order
+        target, pattern = rename_source_key(key, renamings, converters)[:2]
+        if pattern is None:
+            out[target] = on_disk[key]
+            continue
+        conv = next(c for c in converters if pattern in c.source_patterns)
+        groups.setdefault(target, (conv, {}))[1].setdefault(pattern, []).append(on_disk[key])
+    for target, (conv, collected) in groups.items():
+        tensors = {p: collected[p] for p in conv.source_patterns if p in collected}
+        for op in conv.operations:
+            tensors = op.convert(tensors, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
+                                 full_layer_name=target, model=model, config=getattr(model, "config", None))
+        (out[target],) = tensors.values()
+    return out
+
+
+def checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The modules' tensors under the names transformers saves them with (its conversion mapping reversed)."""
+    if not any(_conversions(model)):
+        return tensors
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
 
 
 def _tied(model: nn.Module, key: str) -> bool:
@@ -265,4 +334,4 @@ def open_source(path: str | Path, model: nn.Module) -> WeightSource:
     return SafetensorsSource(p, model)
 
 
-__all__ = ["GGUFSource", "SafetensorsSource", "WeightSource", "open_source"]
+__all__ = ["GGUFSource", "SafetensorsSource", "WeightSource", "checkpoint_names", "convert_checkpoint_keys", "open_source"]

@@ -42,7 +42,7 @@ from ..kernels.common import forget
 from ..models.arch import activation_name, base_model_type, decoder_layers, mlp_sites, spec_for
 from ..models.checkpoint import load_config, load_tokenizer, parse_dtype, resolve_model_path
 from ..models.modeling import as_moeify_model, model_card
-from ..models.weights import WeightSource, open_source
+from ..models.weights import WeightSource, checkpoint_names, open_source
 from .convert import config_intermediate_sizes, convert_weights_only, log_converted, moeify_config, prepare_calibration, site_sizes
 
 log = logging.getLogger("moeify")
@@ -271,7 +271,7 @@ class LayerLoader:
     def done(self, index: int, layer: nn.Module, stats: dict[str, Any]) -> None:
         prefix = f"{self.prefix}{index}."
         t = time.perf_counter()
-        self.writer.write({prefix + k: v for k, v in layer.state_dict().items()})
+        self.writer.write(checkpoint_names(self.model, {prefix + k: v for k, v in layer.state_dict().items()}))
         layer.to("meta")
         forget(layer)  # the kernels' per-block state holds views of the real weights
         trim_heap()
