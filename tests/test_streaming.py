@@ -432,5 +432,5 @@ def test_checkpoint_missing_a_tensor_is_refused_before_any_layer(tmp_path, no_la
     sd = load_file(str(f))
     del sd["model.layers.1.mlp.up_proj.weight"]
     save_file(sd, str(f), metadata={"format": "pt"})
-    with pytest.raises(InputError, match=r"no tensor for 1 of the model's parameters \\(e.g. model.layers.1.mlp.up_proj.weight\\)"):
+    with pytest.raises(InputError, match=r"no tensor for 1 of the model's parameters \(e.g. model.layers.1.mlp.up_proj.weight\)"):
         convert_streaming(tmp_path / "src", CMoEConfig(layout="S1A2E6"), tmp_path / "st", calibration=_cal(), progress=False)
