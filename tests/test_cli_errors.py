@@ -114,6 +114,10 @@ UNIT_ROWS = [
     ("finetune", "text-too-short", ["finetune", "{ckpt}", "-o", "{out}", "--text", "{good}", "--no-eval"], 2, r"--text .* has 3000 tokens \(calibration split\); 64 windows of 512 tokens need at least 32769"),
     ("convert", "refit-data-free", ["convert", "{dense}", "-o", "{out}", "--method", "mlpmoe", "--refit", "--no-eval"], 2, r"--refit needs calibration data.*data-free"),
     ("convert", "output-is-a-file", ["convert", "{dense}", "-o", "{good}", "--no-eval"], 2, r"--output .*is a file"),
+    ("convert", "bad-max-memory", ["convert", "{dense}", "-o", "{out}", "--no-eval", "--max-memory", "lots"], 2, r"--max-memory 'lots': give a size"),
+    ("convert", "max-memory-too-low", ["convert", "{dense}", "-o", "{out}", "--no-eval", "--max-memory", "1MB"], 2, r"--max-memory 1MB: this conversion needs about"),
+    ("convert", "unknown-device", ["convert", "{dense}", "-o", "{out}", "--no-eval", "--device", "tpu"], 2, r"unknown device 'tpu'"),
+    ("convert", "device-in-memory", ["convert", "{dense}", "-o", "{out}", "--no-eval", "--in-memory", "--device", "cuda"], 2, r"--device and --max-memory apply to streaming"),
     ("convert", "output-missing", ["convert", "{dense}", "--no-eval"], 2, r"Missing option '--output'"),
     ("convert", "json-is-a-folder", ["convert", "{dense}", "-o", "{out}", "--no-eval", "--json", "{dir}"], 2, r"--json .*is a folder"),
     ("convert", "unknown-method", ["convert", "{dense}", "-m", "nope", "-o", "{out}"], 2, r"unknown method 'nope'"),
@@ -212,7 +216,7 @@ UNIT_ROWS = [
     ("bench", "json-exists", ["bench", "{ckpt}", "--json", "{json_exists}"], 2, r"exists; pass --overwrite"),
     # --- pull
     ("pull", "home-is-a-file", ["pull"], 2, r"MOEIFY_HOME=.*is a file"),
-    ("pull", "extra-argument", ["pull", "now"], 2, r"Got unexpected extra argument"),
+    ("pull", "unknown-asset", ["pull", "now"], 2, r"unknown asset\(s\) \['now'\].*qwen2.5-coder-1.5b"),
     ("pull", "unknown-option", ["pull", "--fast"], 2, r"No such option: --fast"),
     # --- methods
     ("methods", "unknown-method", ["methods", "nope"], 2, r"unknown method 'nope'"),
