@@ -73,6 +73,7 @@ def convert(name: str, opts: list[str], args, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conversions", default=",".join(CONVERSIONS))
+    ap.add_argument("--redo", default="", help="conversions to run again (their checkpoints are deterministic: scores stay valid)")
     ap.add_argument("--samples", type=int, default=2, help="calibration windows of 2048 tokens")
     ap.add_argument("--windows", type=int, default=4, help="austen-v1 quick windows scored")
     ap.add_argument("--tasks", default="arc_easy,piqa")
@@ -88,6 +89,8 @@ def main() -> None:
     res.setdefault("conversions", {})
     save = lambda: write_json(args.json, res)  # noqa: E731
 
+    for name in [n for n in args.redo.split(",") if n]:
+        res["conversions"].pop(name, None)
     for name in names:
         if name not in res["conversions"]:
             print(f"converting {name} ...", flush=True)
@@ -126,9 +129,9 @@ def main() -> None:
         del model
         gc.collect()
     d = res["ppl"]["dense"]
-    res["ratios"] = {n: res["ppl"][n] / d for n in names if n in res["ppl"]}
+    res["ratios"] = {n: v / d for n, v in res["ppl"].items() if n != "dense"}
     zd = res["zero_shot"].get("dense", {})
-    res["zero_shot_recovery"] = {n: {t: res["zero_shot"][n][t] / zd[t] for t in zd} for n in names if n in res["zero_shot"]}
+    res["zero_shot_recovery"] = {n: {t: z[t] / zd[t] for t in zd} for n, z in res["zero_shot"].items() if n != "dense"}
     save()
     print(json.dumps({"ratios": res["ratios"], "zero_shot_recovery": res["zero_shot_recovery"]}, indent=1))
 
