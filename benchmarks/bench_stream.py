@@ -87,6 +87,7 @@ def main() -> None:
     res.setdefault("run", run_info(MODEL, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}))
     res.setdefault("model", {"name": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "weights": "Q4_K_M GGUF (moeify pull qwen2.5-coder-1.5b), dequantised to fp32"})
     res.setdefault("conversions", {})
+    res.setdefault("invocations", []).append(run_info(MODEL, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}))
     save = lambda: write_json(args.json, res)  # noqa: E731
 
     for name in [n for n in args.redo.split(",") if n]:
@@ -99,8 +100,10 @@ def main() -> None:
         c = res["conversions"][name]
         print(f"{name}: peak {c['peak_rss_gb']} GB, {c['conversion_seconds']} s (forward {c['forward_share']:.0%})", flush=True)
 
-    # quality: dense and each conversion on the same windows and documents
-    dense, tok = moeify.load_model(MODEL)
+    # quality: dense and each conversion on the same windows and documents (only what is not scored yet is loaded)
+    from moeify.models.checkpoint import load_tokenizer, resolve_model_path
+
+    tok = load_tokenizer(resolve_model_path(MODEL))
     windows = perplexity_windows(tok, "austen", quick=True)[: args.windows]
     res["ppl_protocol"] = f"austen-v1, first {windows.shape[0]} of the 16 quick windows ({windows.shape[1]} tokens each), fp32"
     tasks = [t for t in args.tasks.split(",") if t]
@@ -120,12 +123,11 @@ def main() -> None:
             save()
         print(label, "ppl", round(res["ppl"][label], 3), "zero-shot", res["zero_shot"].get(label), flush=True)
 
-    score("dense", dense)
-    del dense
-    gc.collect()
-    for name in names:
-        model, _ = moeify.load_model(str(args.out / name), with_tokenizer=False)
-        score(name, model)
+    for label in ["dense", *names]:
+        if label in res["ppl"] and (label in res["zero_shot"] or not tasks):
+            continue
+        model, _ = moeify.load_model(MODEL if label == "dense" else str(args.out / label), with_tokenizer=False)
+        score(label, model)
         del model
         gc.collect()
     d = res["ppl"]["dense"]
