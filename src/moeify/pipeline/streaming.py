@@ -386,7 +386,7 @@ def convert_streaming(
     """Convert `model` (a safetensors folder, a .gguf file, a hub id in the cache, or None for the default) from disk to
     `output` one decoder layer at a time; the checkpoint is the one `convert` + `save` write.
 
-    device: where each layer computes (cpu | cuda | auto); layers are moved there for their turn and back.
+    device: where each layer computes (cpu | cuda | auto); each layer is filled there for its turn and emptied after.
     max_memory: refuse up front (e.g. "1.5GB") when the estimate of what the conversion holds exceeds it.
     before_rename(tmp_dir, moeify_config): runs on the finished checkpoint before it is renamed into place
     (the CLI scores perplexity there and records it).
@@ -402,6 +402,7 @@ def convert_streaming(
         raise InputError(f"method {config.method!r} needs calibration data: pass calibration=moeify.Calibration(...).")
     dev = resolve_device(device)
     dt = parse_dtype(dtype)
+    limit = parse_memory(max_memory)
     path = resolve_model_path(model)
     if not Path(path).exists():
         raise InputError(f"streaming conversion reads a local model folder or .gguf file; {path!r} is neither. Download it "
@@ -428,7 +429,6 @@ def convert_streaming(
     lay = getattr(config, "lay", None)  # methods that keep per-expert outputs while planning (CMoE) have a layout
     estimate = estimate_memory(cfg, net, spec, source, calibration if config.needs_calibration else None, dt,
                                experts=lay.experts if lay is not None else 8)
-    limit = parse_memory(max_memory)
     if limit is not None and estimate["total"] > limit:
         raise InputError(
             f"--max-memory {max_memory}: this conversion needs about {estimate['total'] / MIB:.0f} MiB (this process now "
