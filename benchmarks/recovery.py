@@ -64,8 +64,12 @@ def main() -> None:
 
     ft_settings = json.loads(json.dumps(ft_cfg.to_dict()))  # as the JSON holds it (lists, not tuples), so resumed rows compare equal
     result = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    if result.get("settings") != {"router_neurons": args.router_neurons, "full": args.full}:
-        result = {"settings": {"router_neurons": args.router_neurons, "full": args.full}, "rows": []}
+    # rows are comparable only for the same conversion settings and protocol (its own key: run_info's "settings" holds the
+    # latest command's arguments, which differ from run to run of a resumed table)
+    recovery_settings = {"router_neurons": args.router_neurons, "full": args.full}
+    if result.get("recovery_settings", recovery_settings) != recovery_settings or "rows" not in result:
+        result = {"rows": []}
+    result["recovery_settings"] = recovery_settings
     result.update(info)
     # a fine-tuned row counts as done only for the same fine-tuning settings
     result["rows"] = [r for r in result["rows"] if "ft" not in r["run"] or r.get("ft_settings") == ft_settings]
