@@ -16,6 +16,7 @@ import torch
 
 from .. import kernels
 from .._version import __version__
+from ..core.process import status_mib
 from ..errors import InputError
 from ..models.checkpoint import load_config, load_model
 from .timing import WORKLOADS, bench_inputs, run_workload
@@ -41,14 +42,6 @@ def peak_memory_child(path: str, dtype: str, workloads: list[str], new_tokens: i
     if proc.returncode != 0:
         raise InputError(f"the peak-memory run of {path} failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _reset_peak_rss() -> bool:
@@ -86,17 +79,17 @@ def peak_main(argv: list[str]) -> None:
     inputs = bench_inputs(tok, int(load_config(a.peak).vocab_size), text=a.text)
     gc.collect()
     reset = _reset_peak_rss()
-    before = _status_mb("VmRSS")
+    before = status_mib("VmRSS")
     m, _ = load_model(a.peak, dtype=a.dtype, with_tokenizer=False)
     m.to(a.device).eval()
     kernels.use(m, a.kernel)
-    loaded = _status_mb("VmRSS")
+    loaded = status_mib("VmRSS")
     dev = torch.device(a.device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     for wl in a.workloads.split(","):
         run_workload(m, wl, inputs, a.new_tokens)
-    peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res = {"peak_rss_mb": peak, "rss_before_load_mb": before, "loaded_rss_mb": loaded, "peak_mb_over_before_load": peak - before,
            "peak_counter_reset": reset, "moeify": __version__}
     if dev.type == "cuda":

@@ -166,7 +166,7 @@ def convert(
     from ..data.texts import check_text_source
     from ..errors import InputError
     from ..models.checkpoint import check_model_source, load_model, load_tokenizer, save
-    from ..pipeline.convert import config_intermediate_sizes, convert as run_convert, count_parameters
+    from ..pipeline.convert import check_request, config_intermediate_sizes, convert as run_convert, count_parameters
 
     # every input is checked before the model is loaded: options, outputs, texts, the model's config, token counts
     cls = method_class(method)
@@ -174,9 +174,7 @@ def convert(
     if "seed" in {f.name for f in dataclasses.fields(cls)}:
         settings.setdefault("seed", seed)  # --seed seeds the method's own randomness too
     cfg = cls(**settings)
-    if refit and not cfg.needs_calibration:
-        raise InputError(f"--refit needs calibration data, and {cfg.method!r} is data-free: use a calibrated method "
-                         "(cmoe, moefication, llama-moe, expertweaver, prune) or drop --refit.")
+    check_request(cfg, refit)
     check_dtype(dtype)
     check_positive(samples, "--samples")
     check_positive(seq_len, "--seq-len", minimum=16)
@@ -240,6 +238,7 @@ def _convert_streaming(path, model, cfg, output, *, overwrite, calibration, tok,
     """`moeify convert` through the streaming pipeline; with --eval, dense vs converted perplexity on the staged checkpoint."""
     import torch
 
+    from ..core.process import peak_rss_mib
     from ..models.checkpoint import load_model
     from ..pipeline.convert import count_parameters
     from ..pipeline.streaming import convert_streaming
@@ -264,7 +263,7 @@ def _convert_streaming(path, model, cfg, output, *, overwrite, calibration, tok,
     result = _convert_result(cfg, model, refit, mo["summary"], {"dense": params.get("dense", st["parameters"]["dense"]),
                                                                "converted": params.get("converted", st["parameters"]["converted"])},
                              streaming={k: v for k, v in st.items() if k != "per_layer"}, per_layer_streaming=st["per_layer"],
-                             peak_rss_mib=peak_rss())
+                             peak_rss_mib=round(peak_rss_mib(), 1))
     if scores:
         result["ppl"] = scores
     result["output"] = str(out)
@@ -295,12 +294,6 @@ def _convert_result(cfg, model, refit: bool, summary: dict[str, Any], parameters
             "heldout_tokens": summary.get("calibration", {}).get("heldout_tokens"),
         }
     return result
-
-
-def peak_rss() -> float:
-    from ..pipeline.streaming import peak_rss_mib
-
-    return round(peak_rss_mib(), 1)
 
 
 def _print_convert(r: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ then fills one decoder layer at a time from a `WeightSource` and empties it agai
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -27,35 +28,35 @@ from torch import nn
 from ..errors import InputError
 
 
-class WeightSource:
+class WeightSource(ABC):
     """Tensors by their names in the model's state dict (`model.state_dict()` keys)."""
 
     kind = "?"
 
+    @abstractmethod
     def keys(self) -> set[str]:
-        raise NotImplementedError
+        """The module names this source can give."""
 
+    @abstractmethod
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The named tensors, as stored (GGUF: dequantised to float32)."""
 
+    @abstractmethod
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of a 2-D tensor (an embedding table) without reading the others."""
-        return self.load([name])[name][ids]
 
+    @abstractmethod
     def nbytes(self, name: str) -> int:
         """Bytes of the tensor once read in its stored dtype (an upper bound for quantised GGUF tensors: float32)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The tensor's shape, from the file's header."""
 
     def row_blocks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
         """The tensor in blocks of `rows` rows, in order (a block at a time in memory: embedding tables, LM heads)."""
         t = self.load([name])[name]
         yield from t.split(rows)
-
-    def close(self) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -87,7 +88,7 @@ class SafetensorsSource(WeightSource):
         self._model = model
         self._renamed: dict[str, str] = {}  # on-disk name -> module name, where transformers converts on load
         if model is not None:
-            wanted = {k for k in model.state_dict() if not _tied(model, k)}
+            wanted = {k for k in model.state_dict() if not tied_head(model, k)}
             if wanted - set(self._where):  # e.g. MoE models store one tensor per expert, fused into one parameter on load
                 self._renamed = {k: _loaded_name(model, k) for k in self._where}
             missing = sorted(wanted - set(self._where) - set(self._renamed.values()), key=_natural)
@@ -222,7 +223,8 @@ def checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict
     return revert_weight_conversion(model, dict(tensors))
 
 
-def _tied(model: nn.Module, key: str) -> bool:
+def tied_head(model: nn.Module, key: str) -> bool:
+    """The LM head's weight when it is the embedding's (not stored, not written)."""
     return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
 
 
@@ -334,4 +336,4 @@ def open_source(path: str | Path, model: nn.Module) -> WeightSource:
     return SafetensorsSource(p, model)
 
 
-__all__ = ["GGUFSource", "SafetensorsSource", "WeightSource", "checkpoint_names", "convert_checkpoint_keys", "open_source"]
+__all__ = ["GGUFSource", "SafetensorsSource", "WeightSource", "checkpoint_names", "convert_checkpoint_keys", "open_source", "tied_head"]

@@ -67,11 +67,7 @@ def convert(
     Returns the model as moeify's class: save it with `moeify.save(model, dir)` or
     `model.save_pretrained(dir)`; the plan and summary are in `model.config.moeify`.
     """
-    if not isinstance(config, MethodConfig):
-        raise InputError(f"config must be a moeify method config (e.g. moeify.MLPMoEConfig()), got {type(config).__name__}.")
-    if refit and not config.needs_calibration:
-        raise InputError(f"--refit needs calibration data, and {config.method!r} is data-free: use a calibrated method "
-                         "(cmoe, moefication, llama-moe, expertweaver, prune) or drop --refit.")
+    check_request(config, refit)
     if isinstance(model, (str, os.PathLike)) or model is None:
         path = resolve_model_path(model)
         config.check(config_intermediate_sizes(load_config(path, trust_remote_code=trust_remote_code)))
@@ -96,6 +92,16 @@ def convert(
     model.moeify_plans = plans
     log_converted(moeify_cfg)
     return model
+
+
+def check_request(config, refit: bool) -> None:
+    """What `convert`, `convert_streaming` and the CLI refuse before anything is read: a config that is no method's,
+    refit of a data-free method."""
+    if not isinstance(config, MethodConfig):
+        raise InputError(f"config must be a moeify method config (e.g. moeify.CMoEConfig()), got {type(config).__name__}.")
+    if refit and not config.needs_calibration:
+        raise InputError(f"--refit needs calibration data, and {config.method!r} is data-free: use a calibrated method "
+                         "(cmoe, moefication, llama-moe, expertweaver, prune) or drop --refit.")
 
 
 def moeify_config(model, config: MethodConfig, plans: list, sizes: list[int], extra: dict, seconds: float, refit: bool) -> dict[str, Any]:
@@ -183,4 +189,4 @@ def convert_weights_only(model, config, sites, spec, act, progress, loader=None)
     return plans, {}
 
 
-__all__ = ["convert", "convert_weights_only", "count_parameters", "config_intermediate_sizes", "moeify_config", "prepare_calibration", "site_sizes"]
+__all__ = ["check_request", "convert", "convert_weights_only", "count_parameters", "config_intermediate_sizes", "moeify_config", "prepare_calibration", "site_sizes"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -36,58 +35,20 @@ import torch
 from torch import nn
 
 from ..core.files import prepare_output, staged_dir
+from ..core.process import peak_rss_mib, return_freed_memory, rss_mib, trim_heap
 from ..core.method import MethodConfig
 from ..errors import InputError
 from ..kernels.common import forget
-from ..models.arch import activation_name, base_model_type, decoder_layers, mlp_sites, spec_for
+from ..models.arch import activation_name, decoder_layers, mlp_sites, spec_for
 from ..models.checkpoint import load_config, load_tokenizer, parse_dtype, resolve_model_path
 from ..models.modeling import as_moeify_model, model_card
-from ..models.weights import WeightSource, checkpoint_names, open_source
-from .convert import config_intermediate_sizes, convert_weights_only, log_converted, moeify_config, prepare_calibration, site_sizes
+from ..models.weights import WeightSource, checkpoint_names, open_source, tied_head
+from .convert import check_request, config_intermediate_sizes, convert_weights_only, log_converted, moeify_config, prepare_calibration, site_sizes
 
 log = logging.getLogger("moeify")
 
 MIB = 1 << 20
 BIG_TENSOR_BYTES = 16 * MIB  # tensors outside the layers from this size on are written a block of rows at a time
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc
-        return None
-
-
-def trim_heap() -> None:
-    """Give the heap's free pages back to the system (glibc's malloc_trim; every arena)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def return_freed_memory() -> None:
-    """Ask glibc to give large freed blocks back to the system (mmap them) instead of keeping them in its heap,
-    and to release what its heap holds free now.
-
-    Without it the heap keeps the largest activations of every layer after they are freed, and the
-    resident memory of a long streaming conversion drifts upwards. No effect off glibc.
-    """
-    import gc
-
-    gc.collect()
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD: blocks of 256 KiB and more are mapped and unmapped
-        libc.malloc_trim(0)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -204,11 +165,8 @@ class ShardWriter:
         self.bytes += offset
 
     def finish(self) -> None:
-        if self.count != self.total:  # fewer groups than planned (e.g. nothing outside the layers): names still say "-of-total"
-            for old in sorted(set(self.weight_map.values())):
-                new = old.replace(f"-of-{self.total:05d}", f"-of-{self.count:05d}")
-                os.replace(self.folder / old, self.folder / new)
-                self.weight_map = {k: (new if v == old else v) for k, v in self.weight_map.items()}
+        if self.count != self.total:
+            raise RuntimeError(f"wrote {self.count} shards, planned {self.total}")
         index = {"metadata": {"total_size": self.bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -226,8 +184,15 @@ class LayerLoader:
         self.seconds = {"outside": 0.0, "read": 0.0, "write": 0.0}
         self._read = 0.0
 
-    def outside_names(self) -> list[str]:
-        return [n for n in _state_names(self.model) if not n.startswith(self.prefix) and not _tied(self.model, n)]
+    def outside_groups(self) -> tuple[list[str], list[str]]:
+        """The tensors outside the decoder layers: (large 2-D ones, each its own shard written by row blocks; the rest, one shard)."""
+        names = [n for n in _state_names(self.model) if not n.startswith(self.prefix) and not tied_head(self.model, n)]
+        big = [n for n in names if self.source.nbytes(n) >= BIG_TENSOR_BYTES and len(self.source.shape(n)) == 2]
+        return big, [n for n in names if n not in big]
+
+    def shards(self, layers: int) -> int:
+        big, rest = self.outside_groups()
+        return layers + len(big) + (1 if rest else 0)
 
     def begin(self, model: nn.Module, ids: list[torch.Tensor]) -> None:
         """Copy the tensors outside the layers to the output; fill the embedding rows of `ids` and the final norm."""
@@ -235,12 +200,12 @@ class LayerLoader:
         self.tokens = int(sum(t.numel() for t in ids))
         emb = model.get_input_embeddings()
         emb_name = _param_name(model, emb.weight)
-        big = [n for n in self.outside_names() if self.source.nbytes(n) >= BIG_TENSOR_BYTES and len(self.source.shape(n)) == 2]
+        big, rest = self.outside_groups()
         for n in big:  # the embedding table and the LM head, the largest tensors of a model: a block of rows at a time
             shape = self.source.shape(n)
             rows = max(1, (8 * MIB) // (4 * shape[1]))
             self.writer.write_rows(n, shape, self.dtype, self.source.row_blocks(n, rows))
-        self.writer.write({n: _cast(t, self.dtype) for n, t in self.source.load([n for n in self.outside_names() if n not in big]).items()})
+        self.writer.write({n: _cast(t, self.dtype) for n, t in self.source.load(rest).items()})
         if not ids:  # a data-free method runs no tokens: the layers are all it needs
             self._t = time.perf_counter()
             self.seconds["outside"] = self._t - t0
@@ -249,12 +214,13 @@ class LayerLoader:
         _RowsOnly(emb, used.to(self.device), _cast(self.source.rows(emb_name, used), self.dtype).to(self.device))
         layers = decoder_layers(model, self.spec)
         head = model.get_output_embeddings()
+        stored = self.source.keys()
         for name, mod in model.named_modules():
             if mod is layers or mod is emb or mod is head or name.startswith(self.prefix) or not name:
                 continue
             if any(p.is_meta for p in mod.parameters(recurse=False)):
                 prefix = name + "."
-                if all(prefix + n in self.source.keys() for n, _ in mod.named_parameters(recurse=False)):
+                if all(prefix + n in stored for n, _ in mod.named_parameters(recurse=False)):
                     fill_direct(mod, prefix, self.source, self.dtype, self.device)
             for bname, buf in list(mod.named_buffers(recurse=False)):
                 if not buf.is_meta:
@@ -294,10 +260,6 @@ def fill_direct(module: nn.Module, prefix: str, source: WeightSource, dtype: tor
         setattr(module, n, nn.Parameter(t, requires_grad=p.requires_grad))
 
 
-def _tied(model: nn.Module, name: str) -> bool:
-    return name == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
-
-
 def _param_name(model: nn.Module, param: torch.Tensor) -> str:
     return next(n for n, p in model.named_parameters(remove_duplicate=False) if p is param)
 
@@ -305,19 +267,7 @@ def _param_name(model: nn.Module, param: torch.Tensor) -> str:
 # --------------------------------------------------------------------------- estimates, checks before the first layer
 
 
-def current_rss_bytes() -> int:
-    """Resident memory of this process now (Linux /proc; the peak so far elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(peak_rss_mib() * MIB)
-
-
-def estimate_memory(cfg, model: nn.Module, spec, source: WeightSource, calibration, dtype: torch.dtype, experts: int = 8) -> dict[str, int]:
+def estimate_memory(cfg, model: nn.Module, spec, calibration, dtype: torch.dtype, experts: int = 8) -> dict[str, int]:
     """Bytes the streaming conversion will hold at most (resident memory), before anything is read.
 
     - now: the process as it is (libraries, tokenizer, the model's skeleton);
@@ -340,7 +290,7 @@ def estimate_memory(cfg, model: nn.Module, spec, source: WeightSource, calibrati
     acts = 4 * tokens * hidden * 4
     plan = max(3 * cal_tokens * inter * 4, cal_tokens * inter * 4 + (experts + 2) * cal_tokens * hidden * 4)
     emb = min(tokens, int(cfg.vocab_size)) * hidden * item
-    now = current_rss_bytes()
+    now = int(rss_mib() * MIB)
     return {"now": now, "layer": layer0, "activations": acts, "plan": plan, "embedding_rows": emb,
             "total": now + layer0 * 2 + acts + plan + emb}
 
@@ -348,7 +298,7 @@ def estimate_memory(cfg, model: nn.Module, spec, source: WeightSource, calibrati
 def output_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of the output weights (the dense model's size: a conversion never adds more than its routers)."""
     item = torch.finfo(dtype).bits // 8
-    return int(sum(p.numel() for n, p in model.named_parameters() if not _tied(model, n)) * item * 1.02)
+    return int(sum(p.numel() for n, p in model.named_parameters() if not tied_head(model, n)) * item * 1.02)
 
 
 def parse_memory(text: str | int | None) -> int | None:
@@ -393,11 +343,7 @@ def convert_streaming(
 
     Returns (output path, config.json["moeify"]).
     """
-    if not isinstance(config, MethodConfig):
-        raise InputError(f"config must be a moeify method config (e.g. moeify.CMoEConfig()), got {type(config).__name__}.")
-    if refit and not config.needs_calibration:
-        raise InputError(f"--refit needs calibration data, and {config.method!r} is data-free: use a calibrated method "
-                         "(cmoe, moefication, llama-moe, expertweaver, prune) or drop --refit.")
+    check_request(config, refit)
     if config.needs_calibration and calibration is None:
         raise InputError(f"method {config.method!r} needs calibration data: pass calibration=moeify.Calibration(...).")
     dev = resolve_device(device)
@@ -427,7 +373,7 @@ def convert_streaming(
         calibration.validate(tok)
     calibration, state = prepare_calibration(net, config, calibration, tok)
     lay = getattr(config, "lay", None)  # methods that keep per-expert outputs while planning (CMoE) have a layout
-    estimate = estimate_memory(cfg, net, spec, source, calibration if config.needs_calibration else None, dt,
+    estimate = estimate_memory(cfg, net, spec, calibration if config.needs_calibration else None, dt,
                                experts=lay.experts if lay is not None else 8)
     if limit is not None and estimate["total"] > limit:
         raise InputError(
@@ -443,12 +389,12 @@ def convert_streaming(
                          f"{free / (1 << 30):.2f} GiB free; free some space or write elsewhere (-o).")
 
     layers = decoder_layers(net, spec)
-    dense_params = sum(p.numel() for n, p in net.named_parameters() if not _tied(net, n))
+    dense_params = sum(p.numel() for n, p in net.named_parameters() if not tied_head(net, n))
     t0 = time.perf_counter()
     with staged_dir(out) as tmp:
-        outside = [n for n in _state_names(net) if not n.startswith(_layers_prefix(spec)) and not _tied(net, n)]
-        writer = ShardWriter(tmp, total=len(layers) + len(outside))
+        writer = ShardWriter(tmp, total=0)
         loader = LayerLoader(net, spec, source, writer, dt, dev)
+        writer.total = loader.shards(len(layers))
         if config.needs_calibration:
             from .sequential import convert_sequential
 
@@ -462,9 +408,8 @@ def convert_streaming(
                               "max_memory_mib": round(limit / MIB, 1) if limit is not None else None,
                               "output_bytes": writer.bytes, "per_layer": loader.per_layer,
                               "stage_seconds": {k: round(v, 3) for k, v in loader.seconds.items()},
-                              "parameters": {"dense": dense_params, "converted": sum(p.numel() for n, p in net.named_parameters() if not _tied(net, n))}}
+                              "parameters": {"dense": dense_params, "converted": sum(p.numel() for n, p in net.named_parameters() if not tied_head(net, n))}}
         moeify_cfg = moeify_config(net, config, plans, sizes, extra, time.perf_counter() - t0, refit)
-        source.close()
         net = as_moeify_model(net, moeify_cfg)
         _write_metadata(net, tmp, tok, path)
         if before_rename is not None:
@@ -496,4 +441,4 @@ def _write_metadata(net: nn.Module, tmp: Path, tok, path: str) -> None:
     (tmp / "README.md").write_text(model_card(net))
 
 
-__all__ = ["LayerLoader", "ShardWriter", "convert_streaming", "estimate_memory", "parse_memory", "peak_rss_mib", "resolve_device", "skeleton"]
+__all__ = ["LayerLoader", "ShardWriter", "convert_streaming", "estimate_memory", "parse_memory", "resolve_device", "skeleton"]
