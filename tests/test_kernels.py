@@ -210,6 +210,72 @@ def test_one_token_path_merges_neighbouring_experts_exactly():
     assert any(n > 1 for _, n in common.prepared(block, _x(1)).runs)
 
 
+# Equal expert sizes and static gates (every CMoE, MoEfication and LLaMA-MoE-split layer): one token takes
+# torch_backend._decode, its fixed buffers and its inline router
+EQUAL_CASES = [
+    dict(sizes=(10,) * 6, shared=7, top_k=3, compensate=True),
+    dict(sizes=(10,) * 6, shared=0, top_k=3),
+    dict(sizes=(10,) * 6, shared=7, top_k=2, scales=True, selection_bias=True),
+    dict(sizes=(10,) * 6, shared=7, top_k=3, router="analytical-signed-normalized", compensate=True, scales=True),
+    dict(sizes=(10,) * 6, shared=7, top_k=2, router="analytical-rank"),
+    dict(sizes=(10,) * 6, shared=7, top_k=1, router="mlp"),
+    dict(sizes=(10,) * 6, shared=7, top_k=4, router="linear", act="gelu_pytorch_tanh"),
+]
+
+
+@pytest.mark.parametrize("case", EQUAL_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k != "sizes"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_equals_reference(case, dtype):
+    block = _block(**case).to(dtype)
+    atol, rtol = (2e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1e-3)
+    outs = []
+    with torch.no_grad():
+        for t in range(12):
+            x = _x(1, seed=200 + t, dtype=dtype)
+            out = torch_backend.moe_forward(block, x)
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, block.forward_reference(x), atol=atol, rtol=rtol)
+            outs.append((x, out))
+        assert common.prepared(block, _x(1, dtype=dtype)).decode is not None  # the batch-1 path ran, not the fallback
+        for x, out in outs:  # each call returned its own tensor: later tokens did not overwrite earlier outputs
+            torch.testing.assert_close(out, block.forward_reference(x), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("chosen", [(0, 1, 2), (3, 4, 5), (0, 2, 4), (1, 2, 5)])
+@pytest.mark.parametrize("scales", [False, True])
+def test_decode_step_runs_of_neighbouring_experts(chosen, scales):
+    """A selection forced by the balancing bias: a run of three, of two plus one, three single experts;
+    with per-expert scales a run is split into one matmul per expert."""
+    block = _block(sizes=(10,) * 6, shared=7, top_k=3, compensate=True, scales=scales)
+    with torch.no_grad():
+        block.selection_bias.zero_()
+        block.selection_bias[list(chosen)] = 1e4
+        for t in range(4):
+            x = _x(1, seed=300 + t)
+            assert sorted(block.route(x)[1][0].tolist()) == list(chosen)
+            torch.testing.assert_close(torch_backend.moe_forward(block, x), block.forward_reference(x), atol=2e-5, rtol=1e-5)
+
+
+def test_decode_step_from_several_threads():
+    """Buffers are per thread: concurrent decoding in two threads gives each token its own result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    block = _block(sizes=(10,) * 6, shared=7, top_k=3, compensate=True)
+    xs = [_x(1, seed=400 + t) for t in range(64)]
+    with torch.no_grad():
+        refs = [block.forward_reference(x) for x in xs]
+
+        def one(i):
+            with torch.no_grad():
+                return torch_backend.moe_forward(block, xs[i])
+
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(one, range(len(xs))))
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    assert len(common.prepared(block, xs[0]).decode._bufs) >= 2
+
+
 def test_one_token_path_runs_on_views_of_the_packed_weights():
     block = _block()
     p = common.prepared(block, _x(1))

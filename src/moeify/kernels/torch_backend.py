@@ -16,6 +16,8 @@ rounding (the summation order of the scatter differs).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .common import (
@@ -26,45 +28,137 @@ from .common import (
     new_accumulator,
     prepared,
     route,
+    router_scores,
 )
 
 
-def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, ids: list[int], w: torch.Tensor | None) -> None:
-    """Decode: the selected experts' weight slices, nothing else (the compensation is already in `out`).
+class Decode:
+    """Batch-1 state of one block: the operations a decode step needs, on fixed buffers.
 
-    With unit gates and equal expert sizes, selected experts that are neighbours in the
-    packing (e, e+1, ...) are one contiguous block of rows, run as one matmul pair.
+    At batch 1 a CPU decode step costs the bytes of weights it reads plus a fixed cost per
+    operation and per line of Python (dispatch, a parallel region, caches gone cold while
+    attention ran: ~10 us each inside a model, measured with docs/protocol.md's decode), so
+    the step runs only what the maths needs: the router's matmul pair, one matmul per block
+    of neighbouring selected experts (and per down projection), the activation and the
+    product once for the shared expert and once for all selected experts together. The
+    matmuls write into buffers whose views are made here, once, not per token; the buffers
+    are per thread (a model may decode in several threads), and the block's output is a
+    new tensor on every call. Half precision: routing in float32 as everywhere, the down
+    projections as matrix-vector products accumulated into the float32 output.
+
+    Applies to blocks with equal expert sizes and static gates (CMoE, MoEfication, the
+    LLaMA-MoE splits); other blocks take `_one_token`.
     """
-    if w is None and p.equal:
-        ids.sort()
-        m = p.experts[0][2]
-        i = 0
-        while i < len(ids):
-            j = i + 1
-            while j < len(ids) and ids[j] == ids[j - 1] + 1:
-                j += 1
-            if j - i == 1:
-                gu_t, down, _ = p.experts[ids[i]]
-                gu = torch.mm(x, gu_t)
-                h = p.act(gu[:, :m]).mul_(gu[:, m:])
-            else:
-                gu_t, down = p.run(block, ids[i], j - i)
-                g = torch.mm(x, gu_t).view(1, j - i, 2, m)
-                h = p.act(g[:, :, 0]).mul_(g[:, :, 1]).view(1, -1)
-            add_matmul_down(out, h, down)
-            i = j
+
+    def __init__(self, block, p: Prepared, x: torch.Tensor):
+        self.k, self.S, self.H = block.top_k, block.shared_size, block.hidden_size
+        self.m = p.experts[0][2]
+        self.half = x.dtype != p.acc
+        # the analytical router inline (its matmuls write into the buffers), else the router's own module
+        r = p.router
+        self.router = r if r is not None and not r[1] and r[3] is None else None
+        self.n = r[0] if self.router is not None else 0
+        self.router_t = (r[4], r[5]) if self.router is not None else None
+        self.absolute = bool(r[2]) if self.router is not None else False
+        self.scales = None if p.unit_scale else p.scales
+        self.shared_down_t = p.shared_down.t()  # [H, S]: torch.mv's layout for half precision
+        self._bufs: dict[int, tuple] = {}
+
+    def buffers(self, x: torch.Tensor) -> tuple:
+        """This thread's buffers and their views (see `_decode`)."""
+        tid = threading.get_ident()
+        b = self._bufs.get(tid)
+        if b is None:
+            S, k, m, n = self.S, self.k, self.m, self.n
+            sgu = x.new_empty(1, 2 * S)
+            egu = x.new_empty(1, k, 2, m)
+            flat = egu.view(1, 2 * k * m)
+            h = x.new_empty(1, k, m)
+            hf = h.view(1, k * m)
+            rgu = torch.empty(1, 2 * n, device=x.device)  # router: float32
+            # run (i, j): the i-th .. (j-1)-th selected experts write gate|up into [2m*i, 2m*j) and
+            # their products are [m*i, m*j) (1-D for torch.mv in half precision)
+            spans = [(i, j) for i in range(k) for j in range(i + 1, k + 1)]
+            gu_run = {r: flat[:, 2 * m * r[0] : 2 * m * r[1]] for r in spans}
+            h_run = {r: (hf[0] if self.half else hf)[..., m * r[0] : m * r[1]] for r in spans}
+            b = (rgu, rgu[:, :n], rgu[:, n:], sgu, sgu[:, :S], sgu[:, S:], egu[:, :, 0], egu[:, :, 1], h, gu_run, h_run)
+            if len(self._bufs) > 64:  # threads come and go (servers): keep the table bounded
+                self._bufs.clear()
+            self._bufs[tid] = b
+        return b
+
+
+def _decode(block, x: torch.Tensor, p: Prepared, d: Decode) -> torch.Tensor:
+    """One token [1, H] through an equal-size, static-gate block -> [1, H] in the accumulation dtype."""
+    rgu, rg, ru, sgu, sg, su, eg, eu, h, gu_run, h_run = d.buffers(x)
+    # route: float32 scores, top-k on the device, the ids read once (the one host sync, free on a CPU)
+    if d.router is not None:
+        gu_t, combine_t = d.router_t
+        torch.mm(x.float() if d.half else x, gu_t, out=rgu)
+        r = p.act(rg).mul_(ru)
+        scores = torch.mm(r.abs_() if d.absolute else r, combine_t)
     else:
-        if w is None:
-            weights = [1.0] * len(ids)
-        elif p.static_gates:
-            weights = [p.scales[e] for e in ids]
+        scores = router_scores(block, x, p)
+    if p.has_selection_bias:
+        scores = scores + p.selection_bias
+    ids = scores.topk(d.k, dim=-1, sorted=False).indices.tolist()[0]
+    ids.sort()
+    bias = p.bias_for(ids) if p.bias is not None else None
+    # shared expert, and the float output it starts
+    if d.S:
+        torch.mm(x, p.shared_gu_t, out=sgu)
+        hs = p.act(sg).mul_(su)
+        if d.half:
+            out = torch.mv(d.shared_down_t, hs[0]).unsqueeze(0).to(p.acc)
+            if bias is not None:
+                out.add_(bias)
         else:
-            weights = w[0].tolist()
-        for e, g in zip(ids, weights):
-            gu_t, down_e, m = p.experts[e]
-            gu = torch.mm(x, gu_t)
-            h = p.act(gu[:, :m]).mul_(gu[:, m:])
-            add_matmul_down(out, h, down_e, g)
+            out = torch.addmm(bias, hs, p.shared_down) if bias is not None else torch.mm(hs, p.shared_down)
+    else:
+        out = bias.clone() if bias is not None else x.new_zeros(1, d.H, dtype=p.acc)
+    # selected experts: neighbours in the packing (e, e+1, ...) are one block of rows
+    runs = []
+    k, i = d.k, 0
+    while i < k:
+        j = i + 1
+        while j < k and ids[j] == ids[j - 1] + 1:
+            j += 1
+        gu_t, down = p.run(block, ids[i], j - i)
+        torch.mm(x, gu_t, out=gu_run[(i, j)])
+        runs.append((i, j, down))
+        i = j
+    torch.mul(p.act(eg), eu, out=h)
+    for i, j, down in runs:
+        if d.scales is None:
+            _add_down(out, h_run[(i, j)], down, 1.0, d.half)
+        else:  # static per-expert scales: one matmul per expert
+            m = d.m
+            for e in range(i, j):
+                _add_down(out, h_run[(e, e + 1)], down[(e - i) * m : (e - i + 1) * m], d.scales[ids[e]], d.half)
+    return out
+
+
+def _add_down(out: torch.Tensor, h: torch.Tensor, down: torch.Tensor, alpha: float, half: bool) -> None:
+    """out [1, H] (float) += alpha * h @ down; half precision: h is 1-D, a matrix-vector product (see common.matmul_down)."""
+    if half:
+        out.add_(torch.mv(down.t(), h), alpha=alpha)
+    else:
+        out.addmm_(h, down, alpha=alpha)
+
+
+def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, ids: list[int], w: torch.Tensor | None) -> None:
+    """Decode for blocks `_decode` does not cover (unequal experts, input-dependent gates): expert by expert."""
+    if w is None:
+        weights = [1.0] * len(ids)
+    elif p.static_gates:
+        weights = [p.scales[e] for e in ids]
+    else:
+        weights = w[0].tolist()
+    for e, g in zip(ids, weights):
+        gu_t, down_e, m = p.experts[e]
+        gu = torch.mm(x, gu_t)
+        h = p.act(gu[:, :m]).mul_(gu[:, m:])
+        add_matmul_down(out, h, down_e, g)
 
 
 # A few tokens (batched decode, speculative verification, short prompts): up to this many
@@ -147,6 +241,11 @@ def moe_forward(block, x: torch.Tensor) -> torch.Tensor:
         if block.num_experts:
             all_experts(block, x, p, out)
         return out
+    if T == 1 and p.equal and p.static_gates:
+        d = p.decode
+        if d is None:
+            d = p.decode = Decode(block, p, x)
+        return _decode(block, x, p, d)
     idx, w = route(block, x, p)
     if T == 1:
         ids = idx.tolist()[0]  # the one host sync (free on a CPU)
