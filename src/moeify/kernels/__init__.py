@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from . import torch_backend
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -41,10 +42,7 @@ def _reference(block, x: torch.Tensor) -> torch.Tensor:
     return block.forward_reference(x)
 
 
-def _torch(block, x: torch.Tensor) -> torch.Tensor:
-    from .torch_backend import moe_forward
-
-    return moe_forward(block, x)
+_torch = torch_backend.moe_forward
 
 
 def _triton(block, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +75,7 @@ def _needs_autograd(block, x: torch.Tensor) -> bool:
 
 
 def select(block, x: torch.Tensor) -> Kernel:
-    """The kernel `block` runs on `x` when its `kernel` is None (auto)."""
+    """The kernel `block` runs on `x` when its `kernel` is None (auto). Runs on every call: cheapest checks first."""
     if _needs_autograd(block, x):
         return _reference
     forced = os.environ.get("MOEIFY_KERNEL")

@@ -51,14 +51,12 @@ def _fused_router(block) -> tuple | None:
 
 
 def _state_key(block, x: torch.Tensor) -> tuple:
-    """Identity and in-place version of every tensor Prepared reads: any update makes a new entry."""
-    key = [x.device, x.dtype, block.router]
-    for t in block._parameters.values():
-        key.append(None if t is None else (t.data_ptr(), t._version))
-    for t in block.router._parameters.values():
-        key.append(None if t is None else (t.data_ptr(), t._version))
-    key.append((block.selection_bias.data_ptr(), block.selection_bias._version))
-    return tuple(key)
+    """Identity and in-place version of every tensor Prepared reads: any update makes a new entry.
+    (Built in one expression: it runs on every call of every block, ~10 us per decode step of a layer.)"""
+    sb = block.selection_bias
+    return (x.device, x.dtype, block.router, sb.data_ptr(), sb._version,
+            *[None if t is None else (t.data_ptr(), t._version) for t in block._parameters.values()],
+            *[None if t is None else (t.data_ptr(), t._version) for t in block.router._parameters.values()])
 
 
 class Prepared:
