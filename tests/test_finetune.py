@@ -437,6 +437,10 @@ def test_cli_writes_a_checkpoint_that_reloads_and_a_json(world, tmp_path):
     rec = back.config.moeify["finetune"]
     assert rec["ppl"]["after"] == data["ppl"]["after"] and rec["settings"]["lr"] == 1e-2
     assert (out / "tokenizer.json").is_file()
+    card = (out / "README.md").read_text()  # the model card says what was trained and what it gave
+    assert "## Fine-tuning (`moeify finetune`, full mode)" in card
+    assert f"2 steps, {2 * 4 * 64} tokens" in card
+    assert f"{data['ppl']['before']:.4f} | {data['ppl']['after']:.4f}" in card
 
 
 # --------------------------------------------------------------------------- the real model

@@ -131,6 +131,8 @@ def test_convert_refit_saves_reloads_and_records_it(arch, tmp_path):
     assert "refit" not in s0["per_layer"][0]
     path = moeify.save(refit, tmp_path / "r")
     assert json.loads((path / "config.json").read_text())["moeify"]["refit"]["layers"] > 0
+    card = (path / "README.md").read_text()
+    assert f"{s1['refit']['heldout_error_before']:.4f} -> {s1['refit']['heldout_error_after']:.4f}" in card
     again = AutoModelForCausalLM.from_pretrained(str(path)).eval()
     ids = _ids(1, 20, 5)
     with torch.no_grad():

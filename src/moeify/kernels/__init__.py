@@ -4,7 +4,10 @@ Backends (the `kernel` of a MoEMLP; `None` picks one per call):
 
 * ``"torch"`` (default on CPU, and on GPU without Triton): route, then run only the
   selected experts from views of the packed weights. One token (decode): the
-  selected experts' slices directly, no sort. Several tokens (prefill): tokens
+  selected experts' slices directly, no sort, on fixed per-thread buffers so that
+  a step runs only the matmuls, one activation and one product per group
+  (torch_backend.Decode: at batch 1 each extra op costs about as much as the
+  bytes an expert saves). Several tokens (prefill): tokens
   grouped by expert with one sort, one matmul pair per expert, one scatter.
 * ``"triton"`` (default on CUDA when Triton is installed): grouped GEMM over
   expert-sorted tokens with the activation and the gate weight fused, fp32

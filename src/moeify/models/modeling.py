@@ -199,7 +199,35 @@ def model_card(model) -> str:
             f"| converted | {r['model']:.4f} |",
             f"| ratio | {r['ratio']:.5f} |",
         ]
+    lines += _recovery_card(s.get("refit"), m.get("finetune"))
     return "\n".join(lines) + "\n"
+
+
+def _recovery_card(refit: dict[str, Any] | None, ft: dict[str, Any] | None) -> list[str]:
+    """The model card's lines for a refit conversion and for `moeify finetune` (what was trained, on what, the result)."""
+    lines: list[str] = []
+    if refit:
+        lines += ["", "## Refit at conversion (closed form, docs/methods.md §6)", "",
+                  f"- layers refit: {refit.get('layers_changed')} of {refit.get('layers')}",
+                  f"- block error on the calibration tokens: {refit['calibration_error_before']:.4f} -> {refit['calibration_error_after']:.4f}",
+                  f"- block error on the held-out tokens: {refit['heldout_error_before']:.4f} -> {refit['heldout_error_after']:.4f}"]
+    if ft:
+        st = ft.get("settings", {})
+        trained = ", ".join(st.get("what") or [])
+        lines += ["", f"## Fine-tuning (`moeify finetune`, {ft.get('mode')} mode)", "",
+                  f"- trained: {trained}; LoRA rank {st.get('lora_rank')}, alpha {st.get('lora_alpha')}, merged",
+                  f"- text: {st.get('text')}, {st.get('samples')} windows x {st.get('seq_len')} tokens, seed {st.get('seed')}"]
+        if ft.get("steps") is not None:
+            lines.append(f"- {ft['steps']} steps, {ft.get('tokens')} tokens, {ft.get('seconds', float('nan')) / 60:.1f} min")
+        loss = ft.get("loss") or {}
+        if loss.get("first") is not None:
+            lines.append(f"- loss {loss['first']:.4f} -> {loss['last']:.4f}")
+        ppl = ft.get("ppl")
+        if ppl and ppl.get("after") is not None:
+            dense = f"{ppl['dense']:.4f}" if ppl.get("dense") is not None else "n/a"
+            lines += ["", f"| perplexity ({ppl.get('protocol')}) | dense | before | after |", "|---|---|---|---|",
+                      f"| | {dense} | {ppl['before']:.4f} | {ppl['after']:.4f} |"]
+    return lines
 
 
 def save(model, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False, max_shard_size: str = "2GB") -> Path:
