@@ -215,6 +215,7 @@ def test_one_token_path_merges_neighbouring_experts_exactly():
 EQUAL_CASES = [
     dict(sizes=(10,) * 6, shared=7, top_k=3, compensate=True),
     dict(sizes=(10,) * 6, shared=0, top_k=3),
+    dict(sizes=(10,) * 6, shared=0, top_k=2, compensate=True),
     dict(sizes=(10,) * 6, shared=7, top_k=2, scales=True, selection_bias=True),
     dict(sizes=(10,) * 6, shared=7, top_k=3, router="analytical-signed-normalized", compensate=True, scales=True),
     dict(sizes=(10,) * 6, shared=7, top_k=2, router="analytical-rank"),

@@ -115,7 +115,7 @@ def _decode(block, x: torch.Tensor, p: Prepared, d: Decode) -> torch.Tensor:
         else:
             out = torch.addmm(bias, hs, p.shared_down) if bias is not None else torch.mm(hs, p.shared_down)
     else:
-        out = bias.clone() if bias is not None else x.new_zeros(1, d.H, dtype=p.acc)
+        out = bias.unsqueeze(0).clone() if bias is not None else x.new_zeros(1, d.H, dtype=p.acc)
     # selected experts: neighbours in the packing (e, e+1, ...) are one block of rows
     runs = []
     k, i = d.k, 0
