@@ -282,6 +282,7 @@ def test_cli_model_bench_on_a_tiny_checkpoint(tiny_dir, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(js.read_text())
     assert data["baseline"] == str(tiny_dir) and data["settings"]["threads"] == 1
+    assert "model_provenance" in data and data["model_provenance"] is None  # recorded; None: not the default model
     assert set(data["workloads"]) == {"decode", "prefill-8x512"}
     # the limits of the models as loaded here: FLOPs per sequence (attention dominates a hidden-64 model) and bytes per token
     m, _ = moeify.load_model(str(tmp_path / "moe"), dtype="float32")

@@ -78,6 +78,10 @@ def bench(
         else:
             result = _bench_model(model, baseline, dtype, [w for w in workloads.split(",") if w], repeats, warmup, new_tokens, kernel, device, memory, text, attainable)
         result["environment"] = {**_environment(), "device_name": _device_name(device)}
+        if not layer:  # what the dense baseline's weights are (the default model is the dequantised 4-bit GGUF)
+            from ..data.assets import model_provenance
+
+            result["model_provenance"] = model_provenance(result.get("baseline"))
         if kernel in ("auto", "triton"):
             result["environment"]["triton"] = _triton_version()
     except MoeifyError as e:
