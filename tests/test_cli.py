@@ -53,6 +53,23 @@ def test_eval_against_recorded_baseline_on_a_text_file(tiny_dir, tmp_path):
     assert res["baseline"] > 1.0
 
 
+def test_eval_records_the_provenance_of_the_weights_behind_its_numbers(tiny_dir, tmp_path, monkeypatch):
+    """A converted checkpoint's numbers rest on its base model's weights: recorded even with --no-baseline."""
+    from moeify.cli import commands
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 120}" for i in range(3000)))
+    out = tmp_path / "conv"
+    assert runner.invoke(app, ["convert", str(tiny_dir), "--branches", "3", "-o", str(out), "--no-eval"]).exit_code == 0
+    monkeypatch.setattr(commands, "model_provenance", lambda name: {"of": str(name)})
+    js = tmp_path / "e.json"
+    r = runner.invoke(app, ["eval", str(out), "--ppl", str(text), "--no-baseline", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(js.read_text())
+    base = json.loads((out / "config.json").read_text())["moeify"]["provenance"]["base_model"]
+    assert data["model_provenance"] == {"of": str(base)} and data["baseline_provenance"] is None
+
+
 def test_methods_lists_mlpmoe():
     r = runner.invoke(app, ["methods"])
     assert r.exit_code == 0 and "mlpmoe" in r.output and "branches" in r.output

@@ -390,8 +390,11 @@ def eval_(
 
     m, _ = load_model(path, dtype=dtype, with_tokenizer=False)
     base = load_model(base_path, dtype=dtype, with_tokenizer=False)[0] if base_path else None
+    # the weights the numbers rest on: the model's own, or for a converted checkpoint its recorded base model's
+    recorded = recorded_base_model(mcfg) if getattr(mcfg, "moeify", None) is not None else None
     result: dict[str, Any] = {"model": model, "baseline": base_name, "ppl": {},
-                              "baseline_provenance": model_provenance(base_name) if base_name else None}
+                              "baseline_provenance": model_provenance(base_name) if base_name else None,
+                              "model_provenance": model_provenance(recorded or model)}
     if base is not None:
         result["ppl"] = _compare_ppl(m, base, windows, quick, dtype)
     else:
