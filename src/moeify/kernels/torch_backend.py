@@ -44,7 +44,7 @@ class Decode:
     matmuls write into buffers whose views are made here, once, not per token; the buffers
     are per thread (a model may decode in several threads), and the block's output is a
     new tensor on every call. Half precision: routing in float32 as everywhere, the down
-    projections as matrix-vector products accumulated into the float32 output.
+    projections through common.matmul_down (matrix-vector products) into the float32 output.
 
     Applies to blocks with equal expert sizes and static gates (CMoE, MoEfication, the
     LLaMA-MoE splits); other blocks take `_one_token`.
@@ -61,7 +61,6 @@ class Decode:
         self.router_t = (r[4], r[5]) if self.router is not None else None
         self.absolute = bool(r[2]) if self.router is not None else False
         self.scales = None if p.unit_scale else p.scales
-        self.shared_down_t = p.shared_down.t()  # [H, S]: torch.mv's layout for half precision
         self._bufs: dict[int, tuple] = {}
 
     def buffers(self, x: torch.Tensor) -> tuple:
@@ -77,10 +76,10 @@ class Decode:
             hf = h.view(1, k * m)
             rgu = torch.empty(1, 2 * n, device=x.device)  # router: float32
             # run (i, j): the i-th .. (j-1)-th selected experts write gate|up into [2m*i, 2m*j) and
-            # their products are [m*i, m*j) (1-D for torch.mv in half precision)
+            # their products are [m*i, m*j)
             spans = [(i, j) for i in range(k) for j in range(i + 1, k + 1)]
             gu_run = {r: flat[:, 2 * m * r[0] : 2 * m * r[1]] for r in spans}
-            h_run = {r: (hf[0] if self.half else hf)[..., m * r[0] : m * r[1]] for r in spans}
+            h_run = {r: hf[:, m * r[0] : m * r[1]] for r in spans}
             b = (rgu, rgu[:, :n], rgu[:, n:], sgu, sgu[:, :S], sgu[:, S:], egu[:, :, 0], egu[:, :, 1], h, gu_run, h_run)
             if len(self._bufs) > 64:  # threads come and go (servers): keep the table bounded
                 self._bufs.clear()
@@ -108,8 +107,8 @@ def _decode(block, x: torch.Tensor, p: Prepared, d: Decode) -> torch.Tensor:
     if d.S:
         torch.mm(x, p.shared_gu_t, out=sgu)
         hs = p.act(sg).mul_(su)
-        if d.half:
-            out = torch.mv(d.shared_down_t, hs[0]).unsqueeze(0).to(p.acc)
+        if d.half:  # common.matmul_down: one row of half precision through the matrix-vector kernel
+            out = matmul_down(hs, p.shared_down).to(p.acc)
             if bias is not None:
                 out.add_(bias)
         else:
@@ -130,20 +129,12 @@ def _decode(block, x: torch.Tensor, p: Prepared, d: Decode) -> torch.Tensor:
     torch.mul(p.act(eg), eu, out=h)
     for i, j, down in runs:
         if d.scales is None:
-            _add_down(out, h_run[(i, j)], down, 1.0, d.half)
+            add_matmul_down(out, h_run[(i, j)], down)
         else:  # static per-expert scales: one matmul per expert
             m = d.m
             for e in range(i, j):
-                _add_down(out, h_run[(e, e + 1)], down[(e - i) * m : (e - i + 1) * m], d.scales[ids[e]], d.half)
+                add_matmul_down(out, h_run[(e, e + 1)], down[(e - i) * m : (e - i + 1) * m], d.scales[ids[e]])
     return out
-
-
-def _add_down(out: torch.Tensor, h: torch.Tensor, down: torch.Tensor, alpha: float, half: bool) -> None:
-    """out [1, H] (float) += alpha * h @ down; half precision: h is 1-D, a matrix-vector product (see common.matmul_down)."""
-    if half:
-        out.add_(torch.mv(down.t(), h), alpha=alpha)
-    else:
-        out.addmm_(h, down, alpha=alpha)
 
 
 def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, ids: list[int], w: torch.Tensor | None) -> None:
