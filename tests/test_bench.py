@@ -302,3 +302,128 @@ def test_cli_model_bench_on_a_tiny_checkpoint(tiny_dir, tmp_path):
     assert f"greedy decode: converted == dense for the first {same} of 4 new tokens" in res.output
     peak = bench.peak_memory_child(str(tmp_path / "moe"), "float32", ["decode"], 4, text="random")
     assert peak["peak_rss_mb"] >= peak["loaded_rss_mb"] > peak["rss_before_load_mb"] > 0 and peak["peak_mb_over_before_load"] > 0
+
+
+# --------------------------------------------------------------------------- conversion time vs the calibration forward alone
+
+
+def _calib_words(path, n=3000, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    path.write_text(" ".join(f"w{rng.randrange(126)}" for _ in range(n)))
+    return path
+
+
+def test_conversion_baseline_is_prune_at_the_methods_active_fraction():
+    from moeify.bench.conversion import forward_baseline
+
+    base = forward_baseline(moeify.CMoEConfig(layout="S3A3E8", k_act=7))
+    assert base.method == "prune" and base.fraction == pytest.approx(0.75) and base.k_act == 7
+    assert forward_baseline(moeify.CMoEConfig(layout="S1A1E8")).fraction == pytest.approx(0.25)
+    with pytest.raises(moeify.InputError, match="needs no calibration"):
+        forward_baseline(moeify.MLPMoEConfig(branches=4))
+
+
+def test_cli_conversion_bench_interleaves_and_reports_the_ratio(tiny_dir, tmp_path, monkeypatch):
+    """Both conversions really run (streamed, the temporary outputs removed); the reported ratio, pair ratios,
+    share of the limit and forward share are recomputed here from the per-run records."""
+    import tempfile
+
+    from moeify.bench import conversion
+
+    order, outputs = [], []
+    real = conversion._stages
+
+    def spy(mo):
+        order.append(mo["method"])
+        return real(mo)
+
+    monkeypatch.setattr(conversion, "_stages", spy)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    calib = _calib_words(tmp_path / "calib.txt")
+    js = tmp_path / "conv.json"
+    res = runner.invoke(app, ["bench", str(tiny_dir), "--conversion", "cmoe", "--opt", "layout=S1A2E6", "--opt", "router_neurons=3",
+                              "--calib", str(calib), "--samples", "2", "--seq-len", "32", "--repeats", "2", "--json", str(js)])
+    assert res.exit_code == 0, res.output
+    d = json.loads(js.read_text())
+    assert d["kind"] == "conversion" and d["method"] == "cmoe" and d["method_settings"]["layout"] == "S1A2E6"
+    assert d["baseline_method"].startswith("prune") and d["calibration"]["samples"] == 2 and d["calibration"]["seq_len"] == 32
+    # run 1: baseline then method; run 2: method then baseline
+    assert len(order) == 4 and order[0] == order[3] != order[1] == order[2]
+    assert list((tmp_path / "tmp").iterdir()) == []  # the converted checkpoints were temporary
+    secs = {k: [r["seconds"] for r in d["runs"][k]] for k in ("baseline", "method")}
+    assert all(len(v) == 2 and min(v) > 0 for v in secs.values())
+    ratio = float(np.median(secs["method"])) / float(np.median(secs["baseline"]))
+    assert d["ratio"] == pytest.approx(ratio) and d["of_limit"] == pytest.approx(1 / ratio) and d["limit"] == 1.0
+    assert sorted(d["ratio_pairs"]["runs"]) == pytest.approx(sorted(m / b for m, b in zip(secs["method"], secs["baseline"])))
+    for k in ("baseline", "method"):
+        run = d["runs"][k][0]
+        assert run["forward_share"] == pytest.approx(run["stages"]["forward"] / run["seconds"]) and 0 < run["forward_share"] < 1
+        assert {"forward", "plan", "heldout", "read", "write"} <= set(run["stages"])
+    # CMoE reports its own plan stages, and they fit inside the pipeline's plan stage
+    stages = d["runs"]["method"][0]["plan_stages"]
+    assert {"profile", "features", "clustering", "router", "outputs"} <= set(stages)
+    assert 0 < sum(stages.values()) <= d["runs"]["method"][0]["stages"]["plan"] + 1e-3
+    assert d["model_provenance"] is None  # not the default model
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--conversion", "mlpmoe"], "needs no calibration"),
+    (["--conversion", "nosuch"], "unknown method"),
+    (["--conversion", "cmoe", "--layer", "--hidden", "8", "--intermediate", "16"], "two different benchmarks"),
+    (["--conversion", "cmoe", "--opt", "layout=S9A1E8"], "more shared experts"),
+    (["--conversion", "cmoe", "--calib", "/no/such/file.txt"], "--calib"),
+    (["out/no-such-model", "--conversion", "cmoe"], "MODEL"),
+])
+def test_cli_conversion_bench_bad_input_fails_fast(args, match, monkeypatch):
+    from moeify.pipeline import streaming
+
+    monkeypatch.setattr(streaming, "convert_streaming", lambda *a, **k: pytest.fail("converted before the input was checked"))
+    res = runner.invoke(app, ["bench", *args])
+    assert res.exit_code == 2 and match in res.output, res.output
+
+
+def test_cli_conversion_bench_refuses_a_converted_checkpoint(tiny_dir, tmp_path):
+    conv = moeify.convert(str(tiny_dir), moeify.CMoEConfig(layout="S1A2E6"), calibration=_cal(), progress=False)
+    conv.save_pretrained(tmp_path / "moe")
+    res = runner.invoke(app, ["bench", str(tmp_path / "moe"), "--conversion", "cmoe"])
+    assert res.exit_code == 2 and "already a moeify checkpoint" in res.output, res.output
+
+
+_HUGE_PAGES = """
+import os, sys
+import moeify, torch
+x = torch.ones(64 << 20 >> 2)  # 64 MiB, touched
+huge = 0
+with open("/proc/self/smaps_rollup") as f:
+    for line in f:
+        if line.startswith("AnonHugePages:"):
+            huge = int(line.split()[1])
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge)
+"""
+
+
+@pytest.mark.parametrize("env,expect", [(None, "1"), ("0", "0")])
+def test_importing_moeify_before_torch_puts_large_tensors_on_huge_pages(env, expect):
+    """moeify turns on torch's THP_MEM_ALLOC_ENABLE unless the environment says otherwise; where the kernel allows
+    transparent huge pages on request (madvise or always), a large tensor then lives on them."""
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if env is not None:
+        environ["THP_MEM_ALLOC_ENABLE"] = env
+    out = subprocess.run([sys.executable, "-c", _HUGE_PAGES], env=environ, capture_output=True, text=True, timeout=300, check=True)
+    value, huge_kib = out.stdout.split()
+    assert value == expect
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        mode = ""
+    if expect == "1" and ("[madvise]" in mode or "[always]" in mode):
+        assert int(huge_kib) >= 32 << 10, out.stdout  # most of the 64 MiB tensor on 2 MiB pages
+    if expect == "0" and "[madvise]" in mode:
+        assert int(huge_kib) < 8 << 10, out.stdout  # 4 KiB pages without the request

@@ -80,6 +80,42 @@ def test_shortest_path_solver_matches_scipy_on_larger_problems():
         assert cost[np.arange(n), a].sum() == pytest.approx(cost[np.arange(n), b].sum(), abs=1e-9)
 
 
+@pytest.mark.parametrize("sizes", [[2, 2, 2], [3, 2, 1], [1, 1, 1, 1, 1, 1], [4, 3]])
+def test_balanced_assignment_from_a_start_is_optimal_by_brute_force(sizes):
+    """Cycle cancelling from a feasible start (what k-means passes after its first iteration) reaches the optimum."""
+    rng = np.random.default_rng(sum(sizes) * 11 + len(sizes))
+    n = sum(sizes)
+    labels_all = set(itertools.permutations(np.repeat(np.arange(len(sizes)), sizes)))
+    best = lambda cost: min(sum(cost[i, lab[i]] for i in range(n)) for lab in labels_all)
+    for trial in range(6):
+        cost = rng.random((n, len(sizes))) if trial % 2 else rng.integers(0, 3, (n, len(sizes))).astype(float)
+        start = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+        got = balanced_assignment(cost, sizes, "paths", start=start)
+        assert np.bincount(got, minlength=len(sizes)).tolist() == sizes
+        assert sum(cost[i, got[i]] for i in range(n)) == pytest.approx(best(cost))
+        assert np.array_equal(np.bincount(start, minlength=len(sizes)), sizes)  # the caller's start is not modified in place
+    # a start with the wrong cluster sizes is not a feasible assignment: solved from nothing instead
+    cost = rng.random((n, len(sizes)))
+    bad = np.zeros(n, dtype=np.int64)
+    assert np.array_equal(balanced_assignment(cost, sizes, "paths", start=bad), balanced_assignment(cost, sizes, "paths"))
+
+
+def test_warm_started_assignment_equals_the_cold_one_on_generic_costs():
+    """Generic (tie-free) costs have one optimum: the warm start gives the same assignment as solving from nothing,
+    here along a sequence of slowly changing costs like balanced k-means' iterations."""
+    rng = np.random.default_rng(3)
+    for n, sizes in [(60, [20, 20, 20]), (97, [13] * 7 + [6]), (128, [8] * 16), (200, [40] * 5)]:
+        cost = rng.random((n, len(sizes)))
+        prev = balanced_assignment(cost, sizes, "paths")
+        for step in range(5):
+            cost = cost + 0.05 * rng.standard_normal(cost.shape)
+            cold = balanced_assignment(cost, sizes, "paths")
+            warm = balanced_assignment(cost, sizes, "paths", start=prev)
+            assert np.array_equal(warm, cold)
+            assert np.array_equal(cold, balanced_assignment(cost, sizes, "scipy"))
+            prev = warm
+
+
 def test_balanced_kmeans_recovers_planted_clusters():
     # three groups of neurons that fire on disjoint token sets
     T, per = 90, 4

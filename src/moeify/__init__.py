@@ -7,9 +7,17 @@
 Importing moeify registers its model classes with transformers' Auto classes,
 so converted checkpoints reload with AutoModelForCausalLM.from_pretrained.
 It does not import lm-eval or initialise CUDA.
+
+Imported before torch (as the `moeify` command is), it turns on torch's own switch for large CPU
+tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE=1, unless the environment sets it):
+conversion allocates and frees tensors of tens of MB per layer, and on 4 KiB pages each one costs
+thousands of page faults (docs/protocol.md "Speed": 13M faults and ~15 % of a SmolLM2 conversion).
 """
 
 import logging as _logging
+import os as _os
+
+_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read once, at torch's first allocation
 
 from ._version import __version__  # noqa: E402,F401
 

@@ -39,6 +39,12 @@ def bench(
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Also measure each model's peak memory (in a child process on CPU)."),
     text: str = typer.Option("austen", help="Input tokens: austen (held-out text, protocol.md) | random (seeded ids)."),
     layer: bool = typer.Option(False, "--layer", help="Benchmark one MLP vs MoE layer with random weights instead of a model."),
+    conversion: Optional[str] = typer.Option(None, "--conversion", help="Time this calibrated method's conversion of MODEL (a dense model; "
+                                             "default SmolLM2) against the calibration forward alone (the prune run at the same active fraction)."),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", help="--conversion: a method setting as key=value (repeatable), e.g. --opt layout=S3A3E8."),
+    calib: str = typer.Option("austen", help="--conversion: calibration text source (as for `moeify convert --calib`)."),
+    samples: int = typer.Option(8, help="--conversion: calibration windows."),
+    seq_len: int = typer.Option(2048, help="--conversion: calibration window length in tokens."),
     hidden: Optional[int] = typer.Option(None, help="--layer: hidden size."),
     intermediate: Optional[int] = typer.Option(None, help="--layer: MLP intermediate size."),
     layout: str = typer.Option("S3A3E8", help="--layer: SxAyEz layout of the MoE."),
@@ -73,7 +79,11 @@ def bench(
             if threads < 1:
                 raise InputError(f"--threads must be >= 1, got {threads}.")
             torch.set_num_threads(threads)
-        if layer:
+        if conversion is not None:
+            if layer:
+                raise InputError("--conversion and --layer are two different benchmarks; give one.")
+            result = _bench_conversion(model, conversion, opt, calib, samples, seq_len, dtype, repeats)
+        elif layer:
             result = _bench_layer(model, hidden, intermediate, layout, _parse_tokens(tokens), dtype, device, repeats, kernel, router_neurons, cuda_graphs)
         else:
             result = _bench_model(model, baseline, dtype, [w for w in workloads.split(",") if w], repeats, warmup, new_tokens, kernel, device, memory, text, attainable)
@@ -81,12 +91,14 @@ def bench(
         if not layer:  # what the dense baseline's weights are (the default model is the dequantised 4-bit GGUF)
             from ..data.assets import model_provenance
 
-            result["model_provenance"] = model_provenance(result.get("baseline"))
+            result["model_provenance"] = model_provenance(result.get("baseline") if conversion is None else model)
         if kernel in ("auto", "triton"):
             result["environment"]["triton"] = _triton_version()
     except MoeifyError as e:
         _fail(e)
-    if layer:
+    if conversion is not None:
+        _print_conversion(result)
+    elif layer:
         _print_layer(result)
     else:
         _print_model(result)
@@ -123,6 +135,50 @@ def _bench_layer(model, hidden, intermediate, layout, tokens, dtype, device, rep
     parse_dtype(dtype)
     return {"kind": "layer", **compare_layer(hidden, intermediate, layout, tokens, dtype=dtype, device=device, repeats=repeats, kernel=kernel,
                                              router_neurons=router_neurons, cuda_graphs=cuda_graphs, progress=lambda m: err.print(m))}
+
+
+def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeats) -> dict[str, Any]:
+    from ..bench.conversion import compare_conversions, forward_baseline
+    from ..core.method import method_class
+    from ..data.calibration import Calibration
+    from ..data.texts import check_text_source
+    from ..errors import InputError
+    from ..models.checkpoint import check_model_source, load_tokenizer, parse_dtype
+    from ..pipeline.convert import config_intermediate_sizes
+    from .options import parse_method_args
+
+    cls = method_class(method)
+    cfg = cls(**parse_method_args(cls, [], opt))
+    forward_baseline(cfg)
+    parse_dtype(dtype)
+    calibration = Calibration(source=calib, samples=samples, seq_len=seq_len)
+    check_text_source(calib, "calibration", what="--calib")
+    path, mcfg = check_model_source(model, what="MODEL")
+    if getattr(mcfg, "moeify", None) is not None:
+        raise InputError(f"{model} is already a moeify checkpoint; --conversion times the conversion of a dense model.")
+    cfg.check(config_intermediate_sizes(mcfg))
+    tok = load_tokenizer(path)
+    try:
+        calibration.validate(tok)
+    except InputError as e:
+        raise InputError(f"--calib {calib}: {e}") from None
+    res = compare_conversions(path, cfg, calibration, repeats=repeats, dtype=dtype, tokenizer=tok, progress=lambda m: err.print(m))
+    return {"kind": "conversion", "model": model, "dtype": dtype, **res}
+
+
+def _print_conversion(r: dict[str, Any]) -> None:
+    t = Table(title=f"{r['method']} conversion of {r['model'] or 'the default model'} vs {r['baseline_method']} "
+                    f"(calibration {r['calibration']['samples']} x {r['calibration']['seq_len']}, median (min–max) of {r['repeats']} interleaved runs)")
+    for c in ("run", "seconds", "calibration forward", "forward share"):
+        t.add_column(c, justify="right")
+    for name in ("baseline", "method"):
+        st = r["stage_seconds"][name]
+        t.add_row(name, _fmt_stat(r["seconds"][name]), f"{st.get('forward', 0.0):.1f}", f"{r['forward_share'][name]:.2f}")
+    console.print(t)
+    console.print(f"conversion / forward alone: {r['ratio']:.3f}× (per pair {_fmt_stat(r['ratio_pairs'], 3)}); "
+                  f"share of the attainable limit reached: {r['of_limit']:.2f}")
+    for name, st in r.get("plan_stages", {}).items():
+        console.print(f"{name} plan stages (s, all layers): " + ", ".join(f"{k} {v:.1f}" for k, v in st.items()))
 
 
 def _bench_model(model, baseline, dtype, workloads, repeats, warmup, new_tokens, kernel, device, memory, text, attainable=True) -> dict[str, Any]:

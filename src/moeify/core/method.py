@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import time
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -55,7 +56,8 @@ class LayerResult:
     output:        F_moe(x) on the calibration tokens, when the method computed it anyway
                    (the pipeline's next-layer input; saves a forward).
     dense_output:  F(x) of the dense MLP on the same tokens (the dense-feed input).
-    info:          numbers for the per-layer report (calibration_error, cluster_iterations, ...).
+    info:          numbers for the per-layer report (calibration_error, cluster_iterations, ...;
+                   "plan_seconds": the method's own stages, see `Laps`).
     heldout:       optional x -> (F_moe(x), fidelity dict), cheaper than the generic router-fidelity path.
     """
 
@@ -66,6 +68,20 @@ class LayerResult:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     heldout: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]] | None = None
     block_state: dict[str, torch.Tensor] | None = None
+
+
+class Laps:
+    """Seconds per stage of a method's plan, for info["plan_seconds"] (summed over layers in the convert JSON)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        """Close `stage`: the time since the previous call (or since creation) is added to it."""
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
+        self._t = now
 
 
 @dataclasses.dataclass

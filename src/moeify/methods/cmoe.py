@@ -44,7 +44,7 @@ import torch
 
 from ..core.dense import GatedWeights, activation, check_finite_output
 from ..core.layout import Layout, check_layout_fits, parse_layout
-from ..core.method import LayerResult, multiple_of, option, positive_int
+from ..core.method import Laps, LayerResult, multiple_of, option, positive_int
 from ..core.plan import LayerPlan
 from ..errors import InputError
 from .common import LayoutConfig, activation_rates, balanced_kmeans, order_desc, topk_mask
@@ -233,6 +233,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     lay = cfg.lay
     n_shared, sizes = lay.sizes(d_h)
     N = len(sizes)
+    lap = Laps()
     h = w.hidden(x)
     down = w.down.float()
     down_norm = down.norm(dim=0)  # ||W_down[:, i]||
@@ -254,7 +255,8 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     order = np.lexsort((np.arange(d_h), -tie, -shared_key))
     shared = np.sort(order[:n_shared])
     routed = order[n_shared:]  # by decreasing key: the first N are the initial centroids
-    info: dict[str, Any] = {"tokens": T}
+    info: dict[str, Any] = {"tokens": T, "plan_seconds": lap.seconds}
+    lap("profile")
 
     if N == 0:
         plan = LayerPlan(shared=shared, experts=[], top_k=0, gate="unit")
@@ -270,12 +272,15 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
         tok = torch.arange(T)[:, None].expand_as(marks)
         keep = col[marks] >= 0
         feats[col[marks][keep], tok[keep]] = 1.0
-    else:  # unit rows of |h_i| ||d_i|| over the tokens, built a block of neurons at a time (no [T, routed] copies)
+    else:  # unit rows of |h_i| ||d_i|| over the tokens (no [T, routed] copy)
         feats = contrib.new_empty(routed.size, T)
-        for a in range(0, routed.size, 512):
-            feats[a : a + 512] = torch.nn.functional.normalize(contrib[:, routed_t[a : a + 512]].T.contiguous(), dim=1)
+        for a in range(0, T, 256):  # gathered and transposed 256 tokens at a time (cache-sized blocks: ~2x faster)
+            feats[:, a : a + 256].copy_(contrib[a : a + 256].index_select(1, routed_t).T)
+        feats.div_(feats.norm(dim=1, keepdim=True).clamp_min(1e-12))  # = F.normalize(dim=1), without its extra copies
     del contrib
+    lap("features")
     assign, cent, iters = balanced_kmeans(feats, sizes, np.arange(N), cfg.max_iters, cfg.solver)
+    lap("clustering")
     info["cluster_iterations"] = iters
     experts = [np.sort(routed[assign == j]) for j in range(N)]
 
@@ -302,9 +307,11 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     else:
         combine[torch.as_tensor(owner), torch.arange(n_rep)] = down_norm[rep_t]
 
+    lap("router")
     parts = _parts(h, down, shared, experts)
     dense_y = parts.dense()
     check_finite_output(dense_y, layer)
+    lap("outputs")
     gate_rows, up_rows = w.gate.float()[rep_t], w.up.float()[rep_t]
     if cfg.normalize:
         gate_rows = torch.nn.functional.normalize(gate_rows, dim=-1)
@@ -338,6 +345,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
             # the router scores |r| @ combine^T, so weights on |r_i| ||d_i|| become coef_i ||d_i||
             combine[j, cols] = coef.float() * down_norm[rep_t[cols]]
         del feats
+    lap("router")
 
     router_state = {"gate_up": torch.cat([gate_rows, up_rows]).to(w.gate.dtype), "combine": combine}
     router = {"type": "analytical", "neurons": int(n_rep), "absolute": bool(cfg.absolute), "normalize": bool(cfg.normalize)}
@@ -357,6 +365,7 @@ def plan_cmoe(w: GatedWeights, x: torch.Tensor, cfg: CMoEConfig, layer: int) -> 
     y = parts.select(keep, bias)
     info["calibration_error"] = float((dense_y - y).norm() / dense_y.norm().clamp_min(1e-30))
     del h, parts
+    lap("outputs")
 
     def heldout(xh: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         hh = w.hidden(xh)

@@ -217,6 +217,12 @@ def _summary(per_layer: list[dict[str, Any]], calibration, held_ids, t0: float) 
         extra["refit"] = {"layers": len(refits), "layers_changed": sum(r["lambda"] is not None for r in refits),
                           **{k: float(sum(r[k] for r in refits) / len(refits)) for k in
                              ("calibration_error_before", "calibration_error_after", "heldout_error_before", "heldout_error_after")}}
+    stages: dict[str, float] = {}
+    for s in per_layer:
+        for k, v in (s.get("plan_seconds") or {}).items():
+            stages[k] = stages.get(k, 0.0) + v
+    if stages:  # the method's own stages summed over layers (within stage_seconds["plan"])
+        extra["plan_stages"] = {k: round(v, 3) for k, v in stages.items()}
     extra["pipeline_seconds"] = time.perf_counter() - t0
     return extra
 
