@@ -367,6 +367,16 @@ def test_cli_conversion_bench_interleaves_and_reports_the_ratio(tiny_dir, tmp_pa
     assert {"profile", "features", "clustering", "router", "outputs"} <= set(stages)
     assert 0 < sum(stages.values()) <= d["runs"]["method"][0]["stages"]["plan"] + 1e-3
     assert d["model_provenance"] is None  # not the default model
+    assert d["refit"] is False and all(r["refit_layers"] == 0 for v in d["runs"].values() for r in v)
+
+
+def test_conversion_bench_with_refit_refits_only_the_method(tiny_dir, tmp_path):
+    from moeify.bench.conversion import compare_conversions
+
+    cal = moeify.Calibration(source=str(_calib_words(tmp_path / "calib.txt")), samples=2, seq_len=32, heldout_tokens=32)
+    d = compare_conversions(str(tiny_dir), moeify.CMoEConfig(layout="S1A2E6"), cal, repeats=1, refit=True)
+    layers = moeify.load_model(str(tiny_dir), with_tokenizer=False)[0].config.num_hidden_layers
+    assert d["refit"] is True and d["runs"]["method"][0]["refit_layers"] == layers and d["runs"]["baseline"][0]["refit_layers"] == 0
 
 
 @pytest.mark.parametrize("args,match", [

@@ -49,9 +49,12 @@ def compare_conversions(
     repeats: int = 1,
     dtype: str = "float32",
     tokenizer=None,
+    refit: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time `config`'s streamed conversion of `model` against its forward baseline (`forward_baseline`), interleaved.
+
+    refit: the method's conversion with the closed-form refit (pipeline/refit.py); the baseline never refits.
 
     Repetition r runs the baseline first when r is even, the method first when odd. Returns
     per-run seconds and stage times of both, the median ratio method / baseline, the ratio of
@@ -64,7 +67,7 @@ def compare_conversions(
     level = log.level
     log.setLevel(logging.WARNING)  # no per-layer lines from the conversions themselves
     try:
-        runs = _interleave(model, {"baseline": base_cfg, "method": config}, calibration, repeats, dtype, tokenizer, progress)
+        runs = _interleave(model, {"baseline": base_cfg, "method": config}, calibration, repeats, dtype, tokenizer, refit, progress)
     finally:
         log.setLevel(level)
     secs = {k: [x["seconds"] for x in v] for k, v in runs.items()}
@@ -72,6 +75,7 @@ def compare_conversions(
     return {
         "method": config.method,
         "method_settings": config.to_dict()["_data"],
+        "refit": refit,
         "baseline_method": f"{base_cfg.method} ({base_cfg.describe()})",
         "calibration": {"source": calibration.source, "samples": calibration.samples, "seq_len": calibration.seq_len,
                         "seed": calibration.seed, "heldout_tokens": calibration.heldout_tokens},
@@ -90,9 +94,10 @@ def compare_conversions(
     }
 
 
-def _interleave(model, configs: dict[str, MethodConfig], calibration, repeats: int, dtype: str, tokenizer,
+def _interleave(model, configs: dict[str, MethodConfig], calibration, repeats: int, dtype: str, tokenizer, refit: bool,
                 progress: Callable[[str], None] | None) -> dict[str, list[dict[str, Any]]]:
-    """Each configuration's streamed conversion `repeats` times, alternating which runs first; seconds and stages per run."""
+    """Each configuration's streamed conversion `repeats` times, alternating which runs first; seconds and stages per run
+    (refit: for "method" only)."""
     from ..pipeline.streaming import convert_streaming
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
@@ -101,10 +106,11 @@ def _interleave(model, configs: dict[str, MethodConfig], calibration, repeats: i
             with tempfile.TemporaryDirectory(prefix="moeify-bench-") as tmp:
                 t = time.perf_counter()
                 _, mo = convert_streaming(model, configs[name], Path(tmp) / "out", calibration=calibration, tokenizer=tokenizer,
-                                          dtype=dtype, progress=False)
+                                          dtype=dtype, refit=refit and name == "method", progress=False)
                 seconds = time.perf_counter() - t
             stages = _stages(mo)
             runs[name].append({"seconds": seconds, "stages": stages, "forward_share": stages.get("forward", 0.0) / seconds,
+                               "refit_layers": (mo.get("refit") or {}).get("layers", 0),
                                "plan_stages": mo["summary"].get("plan_stages") or {}})
             if progress is not None:
                 progress(f"{name} ({configs[name].method}) run {r + 1}/{repeats}: {seconds:.1f} s "

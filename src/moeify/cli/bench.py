@@ -43,6 +43,7 @@ def bench(
                                              "default SmolLM2) against the calibration forward alone (the prune run at the same active fraction)."),
     opt: Optional[list[str]] = typer.Option(None, "--opt", help="--conversion: a method setting as key=value (repeatable), e.g. --opt layout=S3A3E8."),
     calib: str = typer.Option("austen", help="--conversion: calibration text source (as for `moeify convert --calib`)."),
+    refit: bool = typer.Option(False, "--refit", help="--conversion: the method's conversion with --refit (the prune baseline never refits)."),
     samples: int = typer.Option(8, help="--conversion: calibration windows."),
     seq_len: int = typer.Option(2048, help="--conversion: calibration window length in tokens."),
     hidden: Optional[int] = typer.Option(None, help="--layer: hidden size."),
@@ -82,7 +83,7 @@ def bench(
         if conversion is not None:
             if layer:
                 raise InputError("--conversion and --layer are two different benchmarks; give one.")
-            result = _bench_conversion(model, conversion, opt, calib, samples, seq_len, dtype, repeats)
+            result = _bench_conversion(model, conversion, opt, calib, samples, seq_len, dtype, repeats, refit)
         elif layer:
             result = _bench_layer(model, hidden, intermediate, layout, _parse_tokens(tokens), dtype, device, repeats, kernel, router_neurons, cuda_graphs)
         else:
@@ -137,19 +138,20 @@ def _bench_layer(model, hidden, intermediate, layout, tokens, dtype, device, rep
                                              router_neurons=router_neurons, cuda_graphs=cuda_graphs, progress=lambda m: err.print(m))}
 
 
-def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeats) -> dict[str, Any]:
+def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeats, refit=False) -> dict[str, Any]:
     from ..bench.conversion import compare_conversions, forward_baseline
     from ..core.method import method_class
     from ..data.calibration import Calibration
     from ..data.texts import check_text_source
     from ..errors import InputError
     from ..models.checkpoint import check_model_source, load_tokenizer, parse_dtype
-    from ..pipeline.convert import config_intermediate_sizes
+    from ..pipeline.convert import check_request, config_intermediate_sizes
     from .options import parse_method_args
 
     cls = method_class(method)
     cfg = cls(**parse_method_args(cls, [], opt))
     forward_baseline(cfg)
+    check_request(cfg, refit)
     parse_dtype(dtype)
     calibration = Calibration(source=calib, samples=samples, seq_len=seq_len)
     check_text_source(calib, "calibration", what="--calib")
@@ -162,12 +164,12 @@ def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeat
         calibration.validate(tok)
     except InputError as e:
         raise InputError(f"--calib {calib}: {e}") from None
-    res = compare_conversions(path, cfg, calibration, repeats=repeats, dtype=dtype, tokenizer=tok, progress=lambda m: err.print(m))
+    res = compare_conversions(path, cfg, calibration, repeats=repeats, dtype=dtype, tokenizer=tok, refit=refit, progress=lambda m: err.print(m))
     return {"kind": "conversion", "model": model, "dtype": dtype, **res}
 
 
 def _print_conversion(r: dict[str, Any]) -> None:
-    t = Table(title=f"{r['method']} conversion of {r['model'] or 'the default model'} vs {r['baseline_method']} "
+    t = Table(title=f"{r['method']}{' --refit' if r['refit'] else ''} conversion of {r['model'] or 'the default model'} vs {r['baseline_method']} "
                     f"(calibration {r['calibration']['samples']} x {r['calibration']['seq_len']}, median (min–max) of {r['repeats']} interleaved runs)")
     for c in ("run", "seconds", "calibration forward", "forward share"):
         t.add_column(c, justify="right")

@@ -16,7 +16,7 @@ import torch
 
 from ..core.dense import GatedWeights, check_finite_output
 from ..core.layout import check_layout_fits, parse_layout
-from ..core.method import LayerResult, option, positive_int
+from ..core.method import Laps, LayerResult, option, positive_int
 from ..core.plan import LayerPlan
 from ..errors import InputError
 from .common import LayoutConfig, activation_rates
@@ -59,10 +59,13 @@ class PruneConfig(LayoutConfig):
 
     def plan(self, w: GatedWeights, x: torch.Tensor, layer: int, state=None) -> LayerResult:
         d_h = w.intermediate_size
+        lap = Laps()
         h = w.hidden(x.reshape(-1, w.hidden_size))
+        lap("profile")
         down = w.down.float()
         dense_y = h @ down.T
         check_finite_output(dense_y, layer)
+        lap("outputs")
         a = h.abs()
         rate = activation_rates(a.topk(min(self.k_act, d_h), dim=-1, sorted=False).indices, d_h).numpy()
         contrib = (a.mul_(down.norm(dim=0))).mean(0).double().numpy()
@@ -70,9 +73,11 @@ class PruneConfig(LayoutConfig):
         n_keep = max(1, int(round(self.fraction * d_h)))
         kept = np.sort(np.lexsort((np.arange(d_h), -tie, -key))[:n_keep])
         kt = torch.as_tensor(kept)
+        lap("profile")
         y = h[:, kt] @ down[:, kt].T
-        info: dict[str, Any] = {"tokens": int(h.shape[0]),
+        info: dict[str, Any] = {"tokens": int(h.shape[0]), "plan_seconds": lap.seconds,
                                 "calibration_error": float((dense_y - y).norm() / dense_y.norm().clamp_min(1e-30))}
+        lap("outputs")
 
         def heldout(xh: torch.Tensor):
             hh = w.hidden(xh)
