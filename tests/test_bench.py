@@ -362,6 +362,10 @@ def test_cli_conversion_bench_interleaves_and_reports_the_ratio(tiny_dir, tmp_pa
         run = d["runs"][k][0]
         assert run["forward_share"] == pytest.approx(run["stages"]["forward"] / run["seconds"]) and 0 < run["forward_share"] < 1
         assert {"forward", "plan", "heldout", "read", "write"} <= set(run["stages"])
+        assert run["minor_page_faults"] > 0
+    import os
+
+    assert d["huge_pages"] == os.environ["THP_MEM_ALLOC_ENABLE"]  # recorded ("1" unless the environment set it before moeify)
     # CMoE reports its own plan stages, and they fit inside the pipeline's plan stage
     stages = d["runs"]["method"][0]["plan_stages"]
     assert {"profile", "features", "clustering", "router", "outputs"} <= set(stages)

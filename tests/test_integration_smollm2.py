@@ -112,3 +112,35 @@ def test_cmoe_on_smollm2_routes_better_than_chance_and_beats_pruning_at_75_perce
     path = conv.save_pretrained(tmp_path / "cmoe")
     re = AutoModelForCausalLM.from_pretrained(path)
     assert perplexity(re, windows, progress=False)["ppl"] == pytest.approx(p_cmoe, rel=1e-6)
+
+
+def test_cmoe_clustering_on_smollm2_equals_scipys_exact_solver(smollm2):
+    """The default assignment solver (greedy start, then each k-means iteration warm-started from the previous one and
+    finished by cycle cancelling) gives the same experts and router as scipy's n x n linear_sum_assignment on real
+    SmolLM2 activations."""
+    import numpy as np
+
+    from moeify.methods.cmoe import CMoEConfig, plan_cmoe
+    from moeify.models.arch import activation_name, dense_weights, spec_for
+
+    model, tok = smollm2
+    ids, _ = moeify.Calibration(samples=2, seq_len=512).windows(tok)
+    layers = (5, 20)
+    caps = {}
+    hooks = [model.model.layers[i].mlp.register_forward_pre_hook(lambda m, a, i=i: caps.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+             for i in layers]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    spec = spec_for(model)
+    act = activation_name(model.config, spec)
+    for i in layers:
+        w = dense_weights(model.model.layers[i].mlp, spec, act)
+        ours = plan_cmoe(w, caps[i], CMoEConfig(layout="S3A3E8"), i)
+        ref = plan_cmoe(w, caps[i], CMoEConfig(layout="S3A3E8", solver="scipy"), i)
+        assert ours.info["cluster_iterations"] == ref.info["cluster_iterations"] > 1
+        assert all(np.array_equal(a, b) for a, b in zip(ours.plan.experts, ref.plan.experts))
+        assert all(torch.equal(ours.router_state[k], ref.router_state[k]) for k in ref.router_state)

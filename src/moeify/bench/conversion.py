@@ -7,12 +7,14 @@ token, the dense output, a ranking of the neurons, the same held-out report; doc
 "Speed"). Both are timed here as `moeify convert` runs them (streamed from disk to a temporary
 folder that is deleted after), interleaved in one process, and reported as
 `ratio` = method / prune (1.0 = the limit) with `of_limit` = prune / method, next to each run's
-per-stage times and the calibration forward's share of it.
+per-stage times, the calibration forward's share of it and the minor page faults of each run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -88,6 +90,8 @@ def compare_conversions(
         "of_limit": 1.0 / ratio,
         "stage_seconds": {k: {s: statistics.median(x["stages"].get(s, 0.0) for x in v) for s in v[0]["stages"]} for k, v in runs.items()},
         "forward_share": {k: statistics.median(x["forward_share"] for x in v) for k, v in runs.items()},
+        "minor_page_faults": {k: statistics.median(x["minor_page_faults"] for x in v) for k, v in runs.items()},
+        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # torch's switch as this process started (moeify sets "1" by default)
         "plan_stages": {k: {s: statistics.median(x["plan_stages"].get(s, 0.0) for x in v) for s in v[0]["plan_stages"]}
                         for k, v in runs.items() if v[0]["plan_stages"]},
         "runs": runs,
@@ -104,13 +108,15 @@ def _interleave(model, configs: dict[str, MethodConfig], calibration, repeats: i
     for r in range(repeats):
         for name in list(configs) if r % 2 == 0 else list(configs)[::-1]:
             with tempfile.TemporaryDirectory(prefix="moeify-bench-") as tmp:
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t = time.perf_counter()
                 _, mo = convert_streaming(model, configs[name], Path(tmp) / "out", calibration=calibration, tokenizer=tokenizer,
                                           dtype=dtype, refit=refit and name == "method", progress=False)
                 seconds = time.perf_counter() - t
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             stages = _stages(mo)
             runs[name].append({"seconds": seconds, "stages": stages, "forward_share": stages.get("forward", 0.0) / seconds,
-                               "refit_layers": (mo.get("refit") or {}).get("layers", 0),
+                               "refit_layers": (mo.get("refit") or {}).get("layers", 0), "minor_page_faults": faults,
                                "plan_stages": mo["summary"].get("plan_stages") or {}})
             if progress is not None:
                 progress(f"{name} ({configs[name].method}) run {r + 1}/{repeats}: {seconds:.1f} s "
