@@ -390,6 +390,8 @@ def test_conversion_bench_with_refit_refits_only_the_method(tiny_dir, tmp_path):
     (["--conversion", "cmoe", "--opt", "layout=S9A1E8"], "more shared experts"),
     (["--conversion", "cmoe", "--calib", "/no/such/file.txt"], "--calib"),
     (["out/no-such-model", "--conversion", "cmoe"], "MODEL"),
+    pytest.param(["--conversion", "cmoe", "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where torch sees no GPU")),
 ])
 def test_cli_conversion_bench_bad_input_fails_fast(args, match, monkeypatch):
     from moeify.pipeline import streaming

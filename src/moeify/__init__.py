@@ -11,7 +11,7 @@ It does not import lm-eval or initialise CUDA.
 Imported before torch (as the `moeify` command is), it turns on torch's own switch for large CPU
 tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE=1, unless the environment sets it):
 conversion allocates and frees tensors of tens of MB per layer, and on 4 KiB pages each one costs
-thousands of page faults (docs/protocol.md "Speed": 13M faults and ~15 % of a SmolLM2 conversion).
+thousands of page faults (13-16 million per SmolLM2 conversion; docs/protocol.md "Speed").
 """
 
 import logging as _logging

@@ -52,6 +52,7 @@ def compare_conversions(
     dtype: str = "float32",
     tokenizer=None,
     refit: bool = False,
+    device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time `config`'s streamed conversion of `model` against its forward baseline (`forward_baseline`), interleaved.
@@ -69,7 +70,7 @@ def compare_conversions(
     level = log.level
     log.setLevel(logging.WARNING)  # no per-layer lines from the conversions themselves
     try:
-        runs = _interleave(model, {"baseline": base_cfg, "method": config}, calibration, repeats, dtype, tokenizer, refit, progress)
+        runs = _interleave(model, {"baseline": base_cfg, "method": config}, calibration, repeats, dtype, tokenizer, refit, device, progress)
     finally:
         log.setLevel(level)
     secs = {k: [x["seconds"] for x in v] for k, v in runs.items()}
@@ -98,7 +99,7 @@ def compare_conversions(
     }
 
 
-def _interleave(model, configs: dict[str, MethodConfig], calibration, repeats: int, dtype: str, tokenizer, refit: bool,
+def _interleave(model, configs: dict[str, MethodConfig], calibration, repeats: int, dtype: str, tokenizer, refit: bool, device: str,
                 progress: Callable[[str], None] | None) -> dict[str, list[dict[str, Any]]]:
     """Each configuration's streamed conversion `repeats` times, alternating which runs first; seconds and stages per run
     (refit: for "method" only)."""
@@ -111,7 +112,7 @@ def _interleave(model, configs: dict[str, MethodConfig], calibration, repeats: i
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t = time.perf_counter()
                 _, mo = convert_streaming(model, configs[name], Path(tmp) / "out", calibration=calibration, tokenizer=tokenizer,
-                                          dtype=dtype, refit=refit and name == "method", progress=False)
+                                          dtype=dtype, device=device, refit=refit and name == "method", progress=False)
                 seconds = time.perf_counter() - t
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             stages = _stages(mo)

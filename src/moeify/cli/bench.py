@@ -83,7 +83,7 @@ def bench(
         if conversion is not None:
             if layer:
                 raise InputError("--conversion and --layer are two different benchmarks; give one.")
-            result = _bench_conversion(model, conversion, opt, calib, samples, seq_len, dtype, repeats, refit)
+            result = _bench_conversion(model, conversion, opt, calib, samples, seq_len, dtype, repeats, refit, device)
         elif layer:
             result = _bench_layer(model, hidden, intermediate, layout, _parse_tokens(tokens), dtype, device, repeats, kernel, router_neurons, cuda_graphs)
         else:
@@ -138,7 +138,7 @@ def _bench_layer(model, hidden, intermediate, layout, tokens, dtype, device, rep
                                              router_neurons=router_neurons, cuda_graphs=cuda_graphs, progress=lambda m: err.print(m))}
 
 
-def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeats, refit=False) -> dict[str, Any]:
+def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeats, refit=False, device="cpu") -> dict[str, Any]:
     from ..bench.conversion import compare_conversions, forward_baseline
     from ..core.method import method_class
     from ..data.calibration import Calibration
@@ -146,6 +146,7 @@ def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeat
     from ..errors import InputError
     from ..models.checkpoint import check_model_source, load_tokenizer, parse_dtype
     from ..pipeline.convert import check_request, config_intermediate_sizes
+    from ..pipeline.streaming import resolve_device
     from .options import parse_method_args
 
     cls = method_class(method)
@@ -153,6 +154,7 @@ def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeat
     forward_baseline(cfg)
     check_request(cfg, refit)
     parse_dtype(dtype)
+    resolve_device(device)
     calibration = Calibration(source=calib, samples=samples, seq_len=seq_len)
     check_text_source(calib, "calibration", what="--calib")
     path, mcfg = check_model_source(model, what="MODEL")
@@ -164,8 +166,9 @@ def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeat
         calibration.validate(tok)
     except InputError as e:
         raise InputError(f"--calib {calib}: {e}") from None
-    res = compare_conversions(path, cfg, calibration, repeats=repeats, dtype=dtype, tokenizer=tok, refit=refit, progress=lambda m: err.print(m))
-    return {"kind": "conversion", "model": model, "dtype": dtype, **res}
+    res = compare_conversions(path, cfg, calibration, repeats=repeats, dtype=dtype, tokenizer=tok, refit=refit, device=device,
+                              progress=lambda m: err.print(m))
+    return {"kind": "conversion", "model": model, "dtype": dtype, "device": device, **res}
 
 
 def _print_conversion(r: dict[str, Any]) -> None:

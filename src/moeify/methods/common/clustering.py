@@ -76,10 +76,6 @@ def _greedy(C: np.ndarray, cap: np.ndarray) -> np.ndarray:
     return out
 
 
-def _tolerance(C: np.ndarray) -> float:
-    return 1e-12 * (np.abs(C).max() + 1.0)
-
-
 def _cancel_cycles(C: np.ndarray, assign: np.ndarray) -> np.ndarray:
     """Improve a feasible assignment to an optimal one (in place; cluster sizes stay the same).
 
@@ -90,7 +86,7 @@ def _cancel_cycles(C: np.ndarray, assign: np.ndarray) -> np.ndarray:
     once); a longer negative cycle moves one member along each edge. No negative cycle left = optimal.
     """
     n, N = C.shape
-    tol = _tolerance(C)
+    tol = 1e-12 * (np.abs(C).max() + 1.0)  # cost changes below this are ties (float noise), not improvements
     rows, cols = np.arange(n), np.arange(N)
     while True:  # every step lowers the total cost by more than tol, so this ends
         D = C - C[rows, assign][:, None]  # cost change of moving item t to cluster k
@@ -98,8 +94,9 @@ def _cancel_cycles(C: np.ndarray, assign: np.ndarray) -> np.ndarray:
         W = np.full((N, N), np.inf)
         arg = np.zeros((N, N), dtype=np.int64)
         for c, idx in enumerate(members):
-            a = D[idx].argmin(0)
-            W[c], arg[c] = D[idx[a], cols], idx[a]
+            if idx.size:
+                a = D[idx].argmin(0)
+                W[c], arg[c] = D[idx[a], cols], idx[a]
         np.fill_diagonal(W, np.inf)
         if N <= 16:
             pairs = np.argwhere(np.triu(W + W.T < -tol, 1))
