@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.method import MethodConfig
+from ..core.process import minor_page_faults
 from ..errors import InputError
 from .stats import summarize
 
@@ -89,14 +89,18 @@ def compare_conversions(
         "limit": 1.0,
         "limit_kind": "the calibration forward alone (the prune run at the same active fraction)",
         "of_limit": 1.0 / ratio,
-        "stage_seconds": {k: {s: statistics.median(x["stages"].get(s, 0.0) for x in v) for s in v[0]["stages"]} for k, v in runs.items()},
+        "stage_seconds": {k: _median_dict(v, "stages") for k, v in runs.items()},
         "forward_share": {k: statistics.median(x["forward_share"] for x in v) for k, v in runs.items()},
         "minor_page_faults": {k: statistics.median(x["minor_page_faults"] for x in v) for k, v in runs.items()},
         "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # torch's switch as this process started (moeify sets "1" by default)
-        "plan_stages": {k: {s: statistics.median(x["plan_stages"].get(s, 0.0) for x in v) for s in v[0]["plan_stages"]}
-                        for k, v in runs.items() if v[0]["plan_stages"]},
+        "plan_stages": {k: _median_dict(v, "plan_stages") for k, v in runs.items() if v[0]["plan_stages"]},
         "runs": runs,
     }
+
+
+def _median_dict(runs: list[dict[str, Any]], field: str) -> dict[str, float]:
+    """Per key of runs[i][field] (a dict of seconds), the median over the runs."""
+    return {k: statistics.median(r[field].get(k, 0.0) for r in runs) for k in runs[0][field]}
 
 
 def _interleave(model, configs: dict[str, MethodConfig], calibration, repeats: int, dtype: str, tokenizer, refit: bool, device: str,
@@ -109,12 +113,12 @@ def _interleave(model, configs: dict[str, MethodConfig], calibration, repeats: i
     for r in range(repeats):
         for name in list(configs) if r % 2 == 0 else list(configs)[::-1]:
             with tempfile.TemporaryDirectory(prefix="moeify-bench-") as tmp:
-                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                faults = minor_page_faults()
                 t = time.perf_counter()
                 _, mo = convert_streaming(model, configs[name], Path(tmp) / "out", calibration=calibration, tokenizer=tokenizer,
                                           dtype=dtype, device=device, refit=refit and name == "method", progress=False)
                 seconds = time.perf_counter() - t
-                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+                faults = minor_page_faults() - faults
             stages = _stages(mo)
             runs[name].append({"seconds": seconds, "stages": stages, "forward_share": stages.get("forward", 0.0) / seconds,
                                "refit_layers": (mo.get("refit") or {}).get("layers", 0), "minor_page_faults": faults,

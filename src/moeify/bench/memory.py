@@ -16,7 +16,7 @@ import torch
 
 from .. import kernels
 from .._version import __version__
-from ..core.process import status_mib
+from ..core.process import peak_rss_mib, status_mib
 from ..errors import InputError
 from ..models.checkpoint import load_config, load_model
 from .timing import WORKLOADS, bench_inputs, run_workload
@@ -57,7 +57,6 @@ def _reset_peak_rss() -> bool:
 def peak_main(argv: list[str]) -> None:
     """The child process: load the model, run the workloads, print the peak memory as one JSON line."""
     import argparse
-    import resource
 
     ap = argparse.ArgumentParser(prog=f"python -m {CHILD_MODULE}", description="Peak memory of loading and running one model (moeify bench --memory).")
     ap.add_argument("--peak", required=True, metavar="PATH", help="checkpoint directory")
@@ -89,7 +88,7 @@ def peak_main(argv: list[str]) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
     for wl in a.workloads.split(","):
         run_workload(m, wl, inputs, a.new_tokens)
-    peak = status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM") if reset else peak_rss_mib()
     res = {"peak_rss_mb": peak, "rss_before_load_mb": before, "loaded_rss_mb": loaded, "peak_mb_over_before_load": peak - before,
            "peak_counter_reset": reset, "moeify": __version__}
     if dev.type == "cuda":

@@ -142,11 +142,11 @@ def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeat
     from ..bench.conversion import compare_conversions, forward_baseline
     from ..core.method import method_class
     from ..data.calibration import Calibration
-    from ..data.texts import check_text_source
     from ..errors import InputError
-    from ..models.checkpoint import check_model_source, load_tokenizer, parse_dtype
-    from ..pipeline.convert import check_request, config_intermediate_sizes
+    from ..models.checkpoint import parse_dtype
+    from ..pipeline.convert import check_request
     from ..pipeline.streaming import resolve_device
+    from .commands import checked_model
     from .options import parse_method_args
 
     cls = method_class(method)
@@ -156,16 +156,9 @@ def _bench_conversion(model, method, opt, calib, samples, seq_len, dtype, repeat
     parse_dtype(dtype)
     resolve_device(device)
     calibration = Calibration(source=calib, samples=samples, seq_len=seq_len)
-    check_text_source(calib, "calibration", what="--calib")
-    path, mcfg = check_model_source(model, what="MODEL")
+    path, mcfg, tok = checked_model(model, cfg, calibration)
     if getattr(mcfg, "moeify", None) is not None:
         raise InputError(f"{model} is already a moeify checkpoint; --conversion times the conversion of a dense model.")
-    cfg.check(config_intermediate_sizes(mcfg))
-    tok = load_tokenizer(path)
-    try:
-        calibration.validate(tok)
-    except InputError as e:
-        raise InputError(f"--calib {calib}: {e}") from None
     res = compare_conversions(path, cfg, calibration, repeats=repeats, dtype=dtype, tokenizer=tok, refit=refit, device=device,
                               progress=lambda m: err.print(m))
     return {"kind": "conversion", "model": model, "dtype": dtype, "device": device, **res}

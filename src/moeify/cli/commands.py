@@ -129,6 +129,27 @@ def _method_and_model(cls, model: Optional[str], extra: list[str], opt: Optional
     return (positionals[0] if positionals else None), settings
 
 
+def checked_model(model: Optional[str], cfg, calibration, *, trust_remote_code: bool = False):
+    """(path, config, tokenizer) of the model a conversion reads, after what every conversion command checks before
+    loading it: the calibration text (--calib), the model's config and the method's fit to it, enough calibration tokens."""
+    from ..data.texts import check_text_source
+    from ..errors import InputError
+    from ..models.checkpoint import check_model_source, load_tokenizer
+    from ..pipeline.convert import config_intermediate_sizes
+
+    if calibration is not None:
+        check_text_source(calibration.source, "calibration", what="--calib")
+    path, mcfg = check_model_source(model, what="MODEL", trust_remote_code=trust_remote_code)
+    cfg.check(config_intermediate_sizes(mcfg))
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if calibration is not None:
+        try:
+            calibration.validate(tok)
+        except InputError as e:
+            raise InputError(f"--calib {calibration.source}: {e}") from None
+    return path, mcfg, tok
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
              epilog="Method options: every setting of the method's config is an option, e.g. --layout S3A3E8 for cmoe, "
                     "--branches 8 for mlpmoe; `moeify methods NAME` lists them with their defaults.")
@@ -165,8 +186,8 @@ def convert(
     from ..core.method import method_class
     from ..data.texts import check_text_source
     from ..errors import InputError
-    from ..models.checkpoint import check_model_source, load_model, load_tokenizer, save
-    from ..pipeline.convert import check_request, config_intermediate_sizes, convert as run_convert, count_parameters
+    from ..models.checkpoint import load_model, save
+    from ..pipeline.convert import check_request, convert as run_convert, count_parameters
 
     # every input is checked before the model is loaded: options, outputs, texts, the model's config, token counts
     cls = method_class(method)
@@ -185,18 +206,9 @@ def convert(
         calibration = Calibration(source=calib, samples=samples, seq_len=seq_len, seed=seed, sequential=not dense_feed)
     check_output_dir(output, "--output", overwrite=overwrite)
     check_output_file(json_out, "--json")
-    if calibration is not None:
-        check_text_source(calib, "calibration", what="--calib")
     if evaluate:
         check_text_source(ppl, "heldout", what="--ppl")
-    path, mcfg = check_model_source(model, what="MODEL", trust_remote_code=trust_remote_code)
-    cfg.check(config_intermediate_sizes(mcfg))
-    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if calibration is not None:
-        try:
-            calibration.validate(tok)
-        except InputError as e:
-            raise InputError(f"--calib {calib}: {e}") from None
+    path, mcfg, tok = checked_model(model, cfg, calibration, trust_remote_code=trust_remote_code)
     windows = _ppl_windows(tok, [ppl], quick) if evaluate else {}
     if stream and not Path(path).exists():
         stream = False  # a hub id: transformers downloads and loads it (a local folder or .gguf streams)

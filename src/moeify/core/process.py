@@ -1,4 +1,4 @@
-"""This process's memory: resident size now and at peak, and asking glibc's allocator to give memory back.
+"""This process's memory: resident size now and at peak, page faults, and asking glibc's allocator to give memory back.
 
 One place for what the streaming conversion (pipeline/streaming.py) and the peak-memory
 benchmark (bench/memory.py) read and do; Linux /proc and glibc, harmless elsewhere.
@@ -25,6 +25,11 @@ def status_mib(field: str) -> float:
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel mapped in without reading from disk)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def rss_mib() -> float:
