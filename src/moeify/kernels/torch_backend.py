@@ -25,6 +25,7 @@ from .common import (
     add_matmul_down,
     all_experts,
     matmul_down,
+    matmul_up,
     new_accumulator,
     prepared,
     route,
@@ -43,8 +44,9 @@ class Decode:
     product once for the shared expert and once for all selected experts together. The
     matmuls write into buffers whose views are made here, once, not per token; the buffers
     are per thread (a model may decode in several threads), and the block's output is a
-    new tensor on every call. Half precision: routing in float32 as everywhere, the down
-    projections through common.matmul_down (matrix-vector products) into the float32 output.
+    new tensor on every call. Half precision: routing in float32 as everywhere, gate|up as
+    matrix-vector products on the row-major weights (common.matmul_up), the down projections
+    added to the float32 output.
 
     Applies to blocks with equal expert sizes and static gates (CMoE, MoEfication, the
     LLaMA-MoE splits); other blocks take `_one_token`.
@@ -105,9 +107,9 @@ def _decode(block, x: torch.Tensor, p: Prepared, d: Decode) -> torch.Tensor:
     bias = p.bias_for(ids) if p.bias is not None else None
     # shared expert, and the float output it starts
     if d.S:
-        torch.mm(x, p.shared_gu_t, out=sgu)
+        matmul_up(x, p.shared_gu_t, out=sgu)
         hs = p.act(sg).mul_(su)
-        if d.half:  # common.matmul_down: one row of half precision through the matrix-vector kernel
+        if d.half:  # the half-precision product, then the float32 output it starts
             out = matmul_down(hs, p.shared_down).to(p.acc)
             if bias is not None:
                 out.add_(bias)
@@ -123,7 +125,7 @@ def _decode(block, x: torch.Tensor, p: Prepared, d: Decode) -> torch.Tensor:
         while j < k and ids[j] == ids[j - 1] + 1:
             j += 1
         gu_t, down = p.run(block, ids[i], j - i)
-        torch.mm(x, gu_t, out=gu_run[(i, j)])
+        matmul_up(x, gu_t, out=gu_run[(i, j)])
         runs.append((i, j, down))
         i = j
     torch.mul(p.act(eg), eu, out=h)
@@ -147,7 +149,7 @@ def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, ids: list
         weights = w[0].tolist()
     for e, g in zip(ids, weights):
         gu_t, down_e, m = p.experts[e]
-        gu = torch.mm(x, gu_t)
+        gu = matmul_up(x, gu_t)
         h = p.act(gu[:, :m]).mul_(gu[:, m:])
         add_matmul_down(out, h, down_e, g)
 
