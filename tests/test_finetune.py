@@ -215,6 +215,100 @@ def test_report_has_perplexity_before_after_and_dense(world):
     assert p["after"] != p["before"]
 
 
+# --------------------------------------------------------------------------- distillation from the dense model
+
+
+def test_distillation_loss_is_cross_entropy_and_kl_by_their_definitions():
+    from moeify.finetuning import distillation_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g) * 2
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    p, q = torch.softmax(logits.double(), -1), torch.softmax(teacher.double(), -1)
+    ce = -torch.log(p.gather(-1, labels[..., None])).mean()
+    kl = (q * (q.log() - p.log())).sum(-1).mean()  # KL(teacher || model), per token
+    for w in (0.0, 0.3, 1.0):
+        loss, c, k = distillation_loss(logits, teacher, labels, w)
+        assert float(c) == pytest.approx(float(ce), rel=1e-5) and float(k) == pytest.approx(float(kl), rel=1e-5)
+        assert float(loss) == pytest.approx(float((1 - w) * ce + w * kl), rel=1e-5)
+    assert float(distillation_loss(logits, logits.clone(), labels, 1.0)[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+@torch.no_grad()
+def _kl_to(teacher, model, windows) -> float:
+    q = torch.log_softmax(teacher(input_ids=windows).logits.double(), -1)
+    p = torch.log_softmax(model(input_ids=windows).logits.double(), -1)
+    return float((q.exp() * (q - p)).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def sharp(world):
+    """The tiny dense model with 20x larger logits (its final norm scaled), and its CMoE S1A1E6 conversion: the tiny
+    model's own predictions are nearly uniform, so its conversion is within KL 1e-3 of it and leaves nothing to distill."""
+    import shutil
+
+    root = Path(world["root"]) / "sharp"
+    dense = _load(world["dense"])
+    with torch.no_grad():
+        dense.model.norm.weight.mul_(20.0)
+    dense.save_pretrained(root / "dense")
+    for f in Path(world["dense"]).iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, root / "dense" / f.name)  # the tokenizer
+    cal = moeify.Calibration(source=world["train"], samples=4, seq_len=64)
+    moeify.convert(str(root / "dense"), moeify.CMoEConfig(layout="S1A1E6", router_neurons=3), calibration=cal,
+                   progress=False).save_pretrained(root / "cmoe")
+    return {**world, "dense": str(root / "dense"), "cmoe": str(root / "cmoe")}
+
+
+def test_distillation_moves_the_converted_model_towards_the_dense_model(sharp):
+    cfg = _cfg(sharp, distill=1.0, what="lora,scale", lr=5e-4, steps=8)
+    windows = _windows(sharp, cfg)
+    dense = _load(sharp["dense"])
+    before = _kl_to(dense, _load(sharp["cmoe"]), windows)
+    model, report = finetune(sharp["cmoe"], cfg, progress=False)
+    after = _kl_to(dense, model, windows)
+    assert after < 0.8 * before, (before, after)
+    assert report["distill"] == {"weight": 1.0, "teacher": sharp["dense"]}
+    loss = report["loss"]
+    assert len(loss["kl_per_step"]) == len(loss["ce_per_step"]) == 8
+    assert loss["per_step"] == pytest.approx(loss["kl_per_step"], rel=1e-6)  # distill 1: the loss is the KL alone
+    # a mixed loss is the weighted sum of its two recorded terms
+    _, mixed = finetune(sharp["cmoe"], _cfg(sharp, distill=0.25, steps=2, lr=5e-4), progress=False)
+    m = mixed["loss"]
+    for total, c, k in zip(m["per_step"], m["ce_per_step"], m["kl_per_step"]):
+        assert total == pytest.approx(0.75 * c + 0.25 * k, rel=1e-5)
+
+
+def test_dense_control_distills_from_a_frozen_copy_of_itself(world):
+    """The control trains on the same loss: its teacher is the dense model as it was before training. At the first step
+    the two agree (KL 0); as the next-token half of the loss moves the control, the KL to the frozen copy grows (a teacher
+    that trained along would stay at 0; no dropout, so nothing else tells the two forwards apart)."""
+    from moeify.finetuning import finetune_dense_control
+    from moeify.models.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(world["dense"])
+    before = {k: v.clone() for k, v in _load(world["dense"]).state_dict().items()}
+    tuned, rep = finetune_dense_control(_load(world["dense"]), _cfg(world, distill=0.5, steps=4, lr=1e-2, lora_dropout=0.0),
+                                        tokenizer=tok, progress=False)
+    kl = rep["loss"]["kl_per_step"]
+    assert kl[0] == pytest.approx(0.0, abs=1e-7) and kl[-1] > 1e-5, kl
+    assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
+
+
+def test_distillation_without_the_dense_base_model_is_refused_before_loading(world, tmp_path, no_loading):
+    import shutil
+
+    folder = tmp_path / "orphan"
+    shutil.copytree(world["cmoe"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["moeify"]["provenance"]["base_model"] = str(tmp_path / "gone")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"--distill 0.5 learns from the dense base model, which cannot be loaded"):
+        ft_module.prepare(str(folder), _cfg(world, distill=0.5))
+    ft_module.prepare(str(folder), _cfg(world))  # without distillation the base model is not needed
+
+
 # --------------------------------------------------------------------------- local mode
 
 
@@ -299,6 +393,10 @@ def test_overlap_check_trips_on_shared_text_only():
     ({"lora_rank": 0}, r"--lora-rank must be an integer >= 1"),
     ({"lora_dropout": 1.0}, r"--lora-dropout must be in \[0, 1\)"),
     ({"local": True, "what": "bias,router"}, r"--local .* nothing to train"),
+    ({"distill": 1.5}, r"--distill is the weight of the distillation term, a number in \[0, 1\]; got 1.5"),
+    ({"distill": -0.1}, r"--distill is the weight .* got -0.1"),
+    ({"distill": float("nan")}, r"--distill is the weight"),
+    ({"local": True, "distill": 0.5}, r"--distill is for the full mode"),
 ])
 def test_bad_settings_raise_input_errors(world, kw, pattern):
     with pytest.raises(InputError, match=pattern):
@@ -368,6 +466,8 @@ CLI_ROWS = [
     ("text-too-short", lambda w: [w["cmoe"], "--text", _short(w)], r"--text .* has 300 tokens \(calibration split\); 8 windows of 64 tokens need at least 513"),
     ("text-overlaps-evaluation", lambda w: [w["cmoe"], "--text", _leaky(w)], r"share \d+ stretch\(es\) of 32 tokens with the perplexity evaluation"),
     ("local-nothing", lambda w: [w["cmoe"], "--local", "--what", "bias"], r"--local trains the expert weights"),
+    ("distill-out-of-range", lambda w: [w["cmoe"], "--distill", "2"], r"--distill is the weight of the distillation term, a number in \[0, 1\]"),
+    ("distill-local", lambda w: [w["cmoe"], "--local", "--distill", "1"], r"--distill is for the full mode"),
 ]
 
 

@@ -20,6 +20,12 @@ quality. CMoE recovers part of it with a short fine-tuning run that trains three
 
 Optional: "router" trains the router's parameters by gradient (through the gate weights).
 
+Optional: **distillation** from the dense base model (`distill=α`, full mode): the loss is
+(1 - α) · next-token cross-entropy + α · KL(dense ‖ model) of the next-token distributions,
+per token, temperature 1, the dense model run without gradients on the same windows. With
+α = 1 the model learns to predict what the dense model predicts, never the text itself, so it
+cannot gain from learning the training text's domain (docs/methods.md, "Light fine-tuning").
+
 Training windows come from the text source's calibration split with the calibration sampler
 (data/calibration.py), never from evaluation text: a check refuses any 32-token n-gram shared
 with the perplexity windows before the model is loaded. AdamW in float32, seeded, fixed window
@@ -34,6 +40,7 @@ model. The per-block error is reported on held-out calibration tokens before and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import logging
@@ -44,6 +51,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks.moe import MoEMLP
@@ -75,6 +83,8 @@ class FinetuneConfig:
         bias_gamma: b's step.
     what: any of lora, scale, bias, router (a set, or a comma-separated string).
     local: train each block alone against the dense MLP, layer by layer.
+    distill: full mode, weight of the distillation term: (1 - distill) x next-token loss + distill x KL(dense || model);
+        0 (default) is CMoE's next-token loss, 1 distillation alone.
     evaluate / ppl: held-out perplexity (quick windows of `ppl`) before and after.
     """
 
@@ -92,6 +102,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.1
     what: frozenset[str] | str = frozenset({"lora", "scale", "bias"})
     local: bool = False
+    distill: float = 0.0
     seed: int = 0
     evaluate: bool = True
     ppl: str = "austen"
@@ -123,6 +134,10 @@ class FinetuneConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}.")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not 0 <= self.distill <= 1:
+            raise InputError(f"--distill is the weight of the distillation term, a number in [0, 1]; got {self.distill!r}.")
+        if self.local and self.distill:
+            raise InputError("--distill is for the full mode: --local already trains each block to reproduce the dense MLP's output.")
         if self.local and not self.what & {"lora", "scale"}:
             raise InputError(f"--local trains the expert weights (lora) and the gate scale u (scale); the router and the selection bias stay "
                              f"fixed, so --what {','.join(sorted(self.what))} leaves nothing to train: add lora or scale.")
@@ -365,6 +380,9 @@ def prepare(model_or_dir, config: FinetuneConfig, *, tokenizer=None) -> Finetune
             note = str(e)
     else:
         note = "the checkpoint records no base model"
+    if config.distill and base_path is None:
+        raise InputError(f"--distill {config.distill:g} learns from the dense base model, which cannot be loaded ({note}); "
+                         "use --distill 0, or make the recorded base model available.")
     if config.local and not plan.dense_exact and base_path is None:
         raise InputError("--local trains each block to match the dense MLP, and this checkpoint's blocks no longer hold the whole dense MLP "
                          f"(neurons dropped, refit or fine-tuned experts), so the dense base model's weights are needed: {note}.")
@@ -402,7 +420,7 @@ def finetune(model_or_dir, config: FinetuneConfig, *, tokenizer=None, progress: 
         ppl = {"source": str(config.ppl), "protocol": _protocol(config.ppl, int(inputs.eval_windows.shape[0])),
                "windows": int(inputs.eval_windows.shape[0]), "tokens": int(inputs.eval_windows.shape[0] * (inputs.eval_windows.shape[1] - 1))}
         ppl["before"] = perplexity(model, inputs.eval_windows, progress=progress)["ppl"]
-    need_base = config.local and not plan.dense_exact
+    need_base = (config.local and not plan.dense_exact) or bool(config.distill)  # the dense MLP's outputs, or the teacher
     if inputs.base_path is not None and (need_base or inputs.eval_windows is not None):
         base = load_model(inputs.base_path, dtype="float32", with_tokenizer=False)[0]
         if inputs.eval_windows is not None:
@@ -416,7 +434,9 @@ def finetune(model_or_dir, config: FinetuneConfig, *, tokenizer=None, progress: 
     if config.local:
         report.update(_train_local(model, blocks, plan, inputs, config, base, progress))
     else:
-        report.update(_train_full(model, blocks, plan, inputs.windows, config, progress))
+        report.update(_train_full(model, blocks, plan, inputs.windows, config, progress, teacher=base))
+        if config.distill:
+            report["distill"] = {"weight": float(config.distill), "teacher": inputs.base_path}
     report["seconds"] = time.perf_counter() - t0
     del base
     if inputs.eval_windows is not None:
@@ -518,7 +538,8 @@ def finetune_dense_control(dense: nn.Module, config: FinetuneConfig, *, tokenize
     (attention and the dense MLP's projections, the counterparts of the converted model's attention and
     expert adapters), merged. Its perplexity after training is what a converted model's fine-tuned
     perplexity is compared with, so a gain from learning the training text's domain is not counted as
-    recovery. Returns (model changed in place, report).
+    recovery. With distillation the control trains on the same loss against a frozen copy of itself.
+    Returns (model changed in place, report).
     """
     from .data.calibration import Calibration
 
@@ -530,8 +551,9 @@ def finetune_dense_control(dense: nn.Module, config: FinetuneConfig, *, tokenize
     windows, _ = Calibration(source=str(config.text), samples=config.samples, seq_len=config.seq_len, seed=config.seed,
                              heldout_tokens=0).windows(tokenizer)
     plan = FinetunePlan(blocks=[], lora=[], scale=[], bias=[], router=[], attention=True, dense_exact=True, notes=["dense control"])
+    teacher = copy.deepcopy(dense).requires_grad_(False) if config.distill else None  # the same loss: against the untouched dense model
     t0 = time.perf_counter()
-    report = _train_full(dense, {}, plan, windows, config, progress, with_mlp=True)
+    report = _train_full(dense, {}, plan, windows, config, progress, with_mlp=True, teacher=teacher)
     report["seconds"] = time.perf_counter() - t0
     return dense, report
 
@@ -559,9 +581,34 @@ def _add_lora(model, names: dict[str, list[str]], config: FinetuneConfig):
     return peft_model
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1 - weight) x cross-entropy + weight x KL(teacher || model), each a mean over tokens; (loss, ce, kl).
+
+    logits, teacher_logits [B, L, V] score the next token: position t predicts labels[:, t] [B, L].
+    """
+    V = logits.shape[-1]
+    logp = F.log_softmax(logits.reshape(-1, V).float(), dim=-1)
+    ce = F.nll_loss(logp, labels.reshape(-1))
+    logq = F.log_softmax(teacher_logits.reshape(-1, V).float(), dim=-1)
+    kl = F.kl_div(logp, logq, log_target=True, reduction="sum") / logp.shape[0]
+    return (1 - weight) * ce + weight * kl, ce, kl
+
+
+def _step_loss(model, x: torch.Tensor, teacher, weight: float) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """One batch's training loss: the model's own next-token loss, or with a teacher the distillation loss (and its ce, kl)."""
+    if teacher is None:
+        return model(input_ids=x, labels=x, use_cache=False).loss, None
+    with torch.no_grad():
+        target = teacher(input_ids=x, use_cache=False).logits[:, :-1]
+    loss, ce, kl = distillation_loss(model(input_ids=x, use_cache=False).logits[:, :-1], target, x[:, 1:], weight)
+    return loss, (float(ce.detach()), float(kl.detach()))
+
+
 def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: torch.Tensor, config: FinetuneConfig,
-                progress: bool, with_mlp: bool = False) -> dict[str, Any]:
-    """The §4.3 loop: next-token loss on the training windows, AdamW, the bias rule after every step; LoRA merged at the end."""
+                progress: bool, with_mlp: bool = False, teacher=None) -> dict[str, Any]:
+    """The §4.3 loop: next-token loss on the training windows (or the distillation loss against `teacher`, the dense
+    model, when config.distill > 0), AdamW, the bias rule after every step; LoRA merged at the end."""
     from tqdm.auto import tqdm
 
     from . import kernels
@@ -599,7 +646,11 @@ def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: t
     counter = _LoadCounter({i: blocks[i] for i in plan.bias}) if plan.bias else None
     steps = config.num_steps
     batches = _window_batches(windows.shape[0], config.batch_size, steps, config.seed)
+    teacher = teacher if config.distill else None
+    if teacher is not None:
+        teacher.eval()
     losses: list[float] = []
+    parts: list[tuple[float, float]] = []
     tokens = 0
     merged = False
     bar = tqdm(batches, desc="finetune", unit="step", disable=not progress)
@@ -609,7 +660,7 @@ def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: t
         for ids in bar:
             x = windows[ids].to(device)
             with torch.set_grad_enabled(opt is not None):
-                loss = model(input_ids=x, labels=x, use_cache=False).loss
+                loss, part = _step_loss(model, x, teacher, config.distill)
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -617,6 +668,8 @@ def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: t
             if counter is not None:
                 counter.update_bias(config.bias_gamma)
             losses.append(float(loss.detach()))
+            if part is not None:
+                parts.append(part)
             tokens += x.numel()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         if peft_model is not None:
@@ -635,8 +688,10 @@ def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: t
             b.kernel = None
         for p in model.parameters():
             p.requires_grad_(False)
-    return {"steps": len(batches), "tokens": tokens, "gate_switched": switched,
-            "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None, "per_step": losses}}
+    loss = {"first": losses[0] if losses else None, "last": losses[-1] if losses else None, "per_step": losses}
+    if parts:  # the two terms of the distillation loss
+        loss["ce_per_step"], loss["kl_per_step"] = [c for c, _ in parts], [k for _, k in parts]
+    return {"steps": len(batches), "tokens": tokens, "gate_switched": switched, "loss": loss}
 
 
 # --------------------------------------------------------------------------- local mode

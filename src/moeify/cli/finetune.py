@@ -30,6 +30,8 @@ def finetune(
     lora_dropout: float = typer.Option(0.1, help="LoRA dropout on the attention adapters (peft has none for parameter adapters)."),
     what: str = typer.Option("lora,scale,bias", help="What trains: a comma-separated subset of lora, scale, bias, router."),
     local: bool = typer.Option(False, "--local", help="Train each MoE block alone to match the dense MLP on its own inputs, layer by layer."),
+    distill: float = typer.Option(0.0, help="Weight of distillation from the dense base model: loss = (1 - w) x next-token loss + w x "
+                                            "KL(dense || model); 0 = next-token loss only (CMoE), 1 = learn the dense model's predictions alone."),
     seed: int = typer.Option(0, help="Seed for the windows, the window order, LoRA init and dropout."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Held-out perplexity before and after (and of the dense base model)."),
     ppl: str = typer.Option("austen", help="Perplexity text source (its held-out split, quick windows)."),
@@ -44,7 +46,7 @@ def finetune(
     # every input is checked before the model is loaded: settings, outputs, the checkpoint, texts, windows
     cfg = FinetuneConfig(text=text, samples=samples, seq_len=seq_len, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
                          scale_lr=scale_lr, bias_gamma=bias_gamma, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         what=what, local=local, seed=seed, evaluate=evaluate, ppl=ppl)
+                         what=what, local=local, distill=distill, seed=seed, evaluate=evaluate, ppl=ppl)
     cfg.check()
     check_output_dir(output, "--output", overwrite=overwrite)
     check_output_file(json_out, "--json", overwrite=overwrite)
@@ -70,6 +72,9 @@ def _print(r: dict[str, Any]) -> None:
     loss = r.get("loss") or {}
     if loss.get("first") is not None:
         t.add_row("training loss first / last step", f"{loss['first']:.4f} / {loss['last']:.4f}")
+    if loss.get("kl_per_step"):
+        t.add_row(f"KL to the dense model first / last step (distill {r['distill']['weight']:g})",
+                  f"{loss['kl_per_step'][0]:.4f} / {loss['kl_per_step'][-1]:.4f}")
     t.add_row("steps" + (" per block" if r["mode"] == "local" else ""), str(r["steps"]))
     t.add_row("tokens trained", f"{r['tokens']:,}")
     t.add_row("training time", f"{r['seconds']:.1f} s ({r['tokens'] / max(r['seconds'], 1e-9):.0f} tokens/s)")
