@@ -8,6 +8,8 @@ the layer-local mode (`{"local": true}`): each block learns the dense MLP's outp
 cannot gain from learning the Austen domain and needs no fine-tuned dense control; the full mode (LoRA on the
 whole model's next-token loss) needs that control: `--dense-control` fine-tunes the dense model with the same windows,
 budget and LoRA settings (`moeify.finetuning.finetune_dense_control`) and each fine-tuned row gets its ratio against it.
+With distillation alone (`{"distill": 1.0}` in --ft-opts) the model learns the dense model's next-token distributions,
+not the text, and the original dense model is the control (no --dense-control needed).
 
 Checkpoints go to --out (one folder per run) and every finished row is written to the JSON at once, so an
 interrupted run resumes where it stopped. Reproduce the README table:
