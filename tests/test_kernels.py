@@ -154,9 +154,33 @@ INTEGER_BLOCKS = {
 }
 
 
+@pytest.fixture(params=["native", "emulated"])
+def bf16_layout(request, monkeypatch):
+    """Both bf16 code paths of kernels.common on any machine: the layouts for native bf16 (AVX512-BF16/AMX) and for
+    AVX2's emulated bf16 (matrix-vector kernel on the transposed down rows, a transposed copy for several rows)."""
+    monkeypatch.setattr(common, "native_bf16", lambda: request.param == "native")
+    return request.param
+
+
+def test_native_bf16_follows_the_code_path_aten_chose(monkeypatch):
+    common.native_bf16.cache_clear()
+    try:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        assert common.native_bf16() is False  # e.g. ATEN_CPU_CAPABILITY=avx2 on an AMX machine
+        common.native_bf16.cache_clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        assert common.native_bf16() is False  # AVX-512 without bf16 units
+        common.native_bf16.cache_clear()
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+        assert common.native_bf16() is True
+    finally:
+        common.native_bf16.cache_clear()
+
+
 @pytest.mark.parametrize("name", INTEGER_BLOCKS)
 @pytest.mark.parametrize("T", [1, 5, 37])  # decode (one token), the grouped path for a few and for many tokens
-def test_torch_backend_accumulates_half_precision_in_float32(name, T):
+def test_torch_backend_accumulates_half_precision_in_float32(name, T, bf16_layout):
     _, block = integer_block(**INTEGER_BLOCKS[name])
     x = integer_inputs(T)
     exact = assert_sums_need_float32(block, x)  # a bfloat16 accumulator misses this sum by several units
@@ -226,7 +250,7 @@ EQUAL_CASES = [
 
 @pytest.mark.parametrize("case", EQUAL_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k != "sizes"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_equals_reference(case, dtype):
+def test_decode_step_equals_reference(case, dtype, bf16_layout):
     block = _block(**case).to(dtype)
     atol, rtol = (2e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1e-3)
     outs = []

@@ -164,14 +164,25 @@ def new_accumulator(block, x: torch.Tensor, p: Prepared, bias: torch.Tensor | No
     return out if bias is None else out.add_(bias)
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU's matmuls run bf16 natively (AVX512-BF16 / AMX in the code path ATen chose) rather than
+    emulated on AVX2. The fastest batch-1 layouts differ between the two (docs/protocol.md "Speed")."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and torch.cpu._is_avx512_bf16_supported()
+
+
+def _half_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def matmul_up(x: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w_t for w_t the transposed view of a row-major [n, H] weight (the packed gate|up layout).
 
-    CPU half precision, one row (batch-1 decode): the matrix-vector product on the row-major
-    weight, which oneDNN runs ~15 % faster than mm on the transposed view (a SmolLM2 bf16 decode,
-    docs/protocol.md "Speed"); otherwise mm. `out`, when given, is a [1, n] or [T, n] buffer.
+    One bf16 row on a CPU with native bf16 (batch-1 decode): the matrix-vector product on the
+    row-major weight, which oneDNN runs ~15 % faster than mm on the transposed view (measured in a
+    SmolLM2 bf16 decode on AVX512-BF16/AMX); otherwise mm. `out`, when given, is a [1, n] or [T, n] buffer.
     """
-    if x.shape[0] == 1 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and native_bf16():
         if out is None:
             return torch.mv(w_t.t(), x[0]).unsqueeze(0)
         torch.mv(w_t.t(), x[0], out=out[0])
@@ -182,10 +193,17 @@ def matmul_up(x: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor | None = Non
 def matmul_down(h: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """h @ down for down stored [m, H] (the packed layout).
 
-    A plain mm in every precision: with torch 2.13's oneDNN, CPU bf16 mm on this layout is faster
-    than both the matrix-vector kernel on its transpose (one row: ~1.4x) and mm on a transposed
-    copy (any number of rows: 1.4-3.7x), measured at SmolLM2 sizes.
+    CPU half precision without native bf16 (AVX2: emulated GEMMs, fp32 accumulation): one row goes
+    through the matrix-vector kernel, ~3x faster than mm on this layout; several rows through mm on a
+    transposed copy of the (small) expert slice, the layout x @ W^T that dense Linear layers use,
+    ~3x faster than mm on [m, H] (the copy costs ~1 %). With native bf16 (AVX512-BF16/AMX) plain mm
+    on [m, H] is the fastest for any number of rows (1.4x the matrix-vector kernel at one row,
+    1.4-3.7x the transposed copy), as in float32.
     """
+    if _half_cpu(h) and not (h.dtype == torch.bfloat16 and native_bf16()):
+        if h.shape[0] == 1 and out is None:
+            return torch.mv(down.t(), h[0]).unsqueeze(0)
+        down = down.t().contiguous().t()
     return torch.mm(h, down, out=out) if out is not None else torch.mm(h, down)
 
 

@@ -44,9 +44,9 @@ class Decode:
     product once for the shared expert and once for all selected experts together. The
     matmuls write into buffers whose views are made here, once, not per token; the buffers
     are per thread (a model may decode in several threads), and the block's output is a
-    new tensor on every call. Half precision: routing in float32 as everywhere, gate|up as
-    matrix-vector products on the row-major weights (common.matmul_up), the down projections
-    added to the float32 output.
+    new tensor on every call. Half precision: routing in float32 as everywhere, gate|up and the
+    down projections in the layouts common.matmul_up / matmul_down pick for this CPU (they differ
+    between emulated and native bf16), the down projections added to the float32 output.
 
     Applies to blocks with equal expert sizes and static gates (CMoE, MoEfication, the
     LLaMA-MoE splits); other blocks take `_one_token`.
