@@ -646,8 +646,7 @@ def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: t
     counter = _LoadCounter({i: blocks[i] for i in plan.bias}) if plan.bias else None
     steps = config.num_steps
     batches = _window_batches(windows.shape[0], config.batch_size, steps, config.seed)
-    teacher = teacher if config.distill else None
-    if teacher is not None:
+    if teacher is not None:  # the callers pass one only when config.distill > 0
         teacher.eval()
     losses: list[float] = []
     parts: list[tuple[float, float]] = []

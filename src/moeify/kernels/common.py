@@ -171,10 +171,6 @@ def native_bf16() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and torch.cpu._is_avx512_bf16_supported()
 
 
-def _half_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-
-
 def matmul_up(x: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w_t for w_t the transposed view of a row-major [n, H] weight (the packed gate|up layout).
 
@@ -200,7 +196,7 @@ def matmul_down(h: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = 
     on [m, H] is the fastest for any number of rows (1.4x the matrix-vector kernel at one row,
     1.4-3.7x the transposed copy), as in float32.
     """
-    if _half_cpu(h) and not (h.dtype == torch.bfloat16 and native_bf16()):
+    if h.device.type == "cpu" and h.dtype in (torch.bfloat16, torch.float16) and not (h.dtype == torch.bfloat16 and native_bf16()):
         if h.shape[0] == 1 and out is None:
             return torch.mv(down.t(), h[0]).unsqueeze(0)
         down = down.t().contiguous().t()
