@@ -309,6 +309,72 @@ def test_distillation_without_the_dense_base_model_is_refused_before_loading(wor
     ft_module.prepare(str(folder), _cfg(world))  # without distillation the base model is not needed
 
 
+# --------------------------------------------------------------------------- windows written by the dense model (--text dense)
+
+
+def test_dense_samples_are_the_models_nucleus_samples_and_reproducible(sharp):
+    """Every sampled token lies in the model's top-p nucleus at its position (the sampler used this model and p), the
+    windows are full (end-of-text suppressed) and start from the beginning-of-text token, a seed gives the same windows,
+    another seed others, and the caller's RNG is left as it was."""
+    from moeify.models.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(sharp["dense"])
+    dense = _load(sharp["dense"])
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    w, rep = ft_module.dense_samples(dense, tok, 6, 40, seed=3, progress=False)
+    assert torch.equal(torch.rand(1), expected_next)  # fork_rng: the global RNG untouched
+    assert w.shape == (6, 40) and rep["tokens"] == 240 and rep["top_p"] == ft_module.SAMPLE_TOP_P
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    assert (w[:, 0] == start).all()
+    if tok.eos_token_id is not None and tok.eos_token_id != start:
+        assert not (w[:, 1:] == tok.eos_token_id).any()
+    with torch.no_grad():
+        probs = torch.softmax(dense(input_ids=w).logits[:, :-1].double(), -1)
+    p_sorted, order = probs.sort(-1, descending=True)
+    rank = (order == w[:, 1:, None]).double().argmax(-1)  # rank of the sampled token in the model's distribution
+    mass_before = torch.cumsum(p_sorted, -1).gather(-1, rank[..., None]).squeeze(-1) - p_sorted.gather(-1, rank[..., None]).squeeze(-1)
+    assert (mass_before < ft_module.SAMPLE_TOP_P + 1e-6).all()  # inside the nucleus
+    assert (rank > 0).any()  # sampled, not greedy
+    again, _ = ft_module.dense_samples(dense, tok, 6, 40, seed=3, progress=False)
+    other, _ = ft_module.dense_samples(dense, tok, 6, 40, seed=4, progress=False)
+    assert torch.equal(w, again) and not torch.equal(w, other)
+
+
+def test_distillation_on_windows_the_dense_model_wrote(sharp):
+    """The training windows are the dense model's samples (same seed: the same windows), and distilling on them moves the
+    converted model towards the dense one there."""
+    from moeify.models.checkpoint import load_tokenizer
+
+    cfg = _cfg(sharp, text="dense", distill=1.0, what="lora,scale", lr=5e-4, steps=8, samples=8, seq_len=48)
+    dense = _load(sharp["dense"])
+    windows, _ = ft_module.dense_samples(dense, load_tokenizer(sharp["dense"]), 8, 48, seed=cfg.seed, progress=False)
+    before = _kl_to(dense, _load(sharp["cmoe"]), windows)
+    model, report = finetune(sharp["cmoe"], cfg, progress=False)
+    assert report["text"]["source"] == "dense" and report["text"]["tokens"] == 8 * 48
+    assert _kl_to(dense, model, windows) < 0.8 * before
+    assert model.config.moeify["finetune"]["settings"]["text"] == "dense"
+    _, again = finetune(sharp["cmoe"], cfg, progress=False)
+    assert again["loss"]["per_step"] == report["loss"]["per_step"]  # same windows, same run
+
+
+def test_dense_text_is_refused_up_front_without_the_base_model_or_with_local(world, tmp_path, no_loading):
+    import shutil
+
+    with pytest.raises(InputError, match="--text dense samples training windows for the full mode; --local"):
+        ft_module.prepare(world["cmoe"], _cfg(world, text="dense", local=True))
+    folder = tmp_path / "orphan"
+    shutil.copytree(world["cmoe"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["moeify"]["provenance"]["base_model"] = str(tmp_path / "gone")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"--text dense samples the training windows from the dense base model, which cannot be loaded"):
+        ft_module.prepare(str(folder), _cfg(world, text="dense"))
+    inputs = ft_module.prepare(world["cmoe"], _cfg(world, text="DENSE"))  # no text read: the windows come later
+    assert inputs.windows is None and inputs.base_path == world["dense"]
+
+
 # --------------------------------------------------------------------------- local mode
 
 

@@ -28,8 +28,11 @@ cannot gain from learning the training text's domain (docs/methods.md, "Light fi
 
 Training windows come from the text source's calibration split with the calibration sampler
 (data/calibration.py), never from evaluation text: a check refuses any 32-token n-gram shared
-with the perplexity windows before the model is loaded. AdamW in float32, seeded, fixed window
-order. The report scores held-out perplexity before and after (and the dense base model when
+with the perplexity windows before the model is loaded. `text="dense"` needs no text: the
+windows are sampled from the dense base model itself (nucleus sampling, p = 0.95, from the
+beginning-of-text token, seeded), so that distillation covers what the dense model writes
+about rather than one corpus (data-free distillation; the same overlap check applies).
+AdamW in float32, seeded, fixed window order. The report scores held-out perplexity before and after (and the dense base model when
 the checkpoint's recorded base is available) and is stored in config.json["moeify"]["finetune"].
 
 The layer-local mode (`local=True`) trains each block alone, layer by layer on the converted
@@ -66,6 +69,9 @@ LORA_LR = 2e-4
 LOCAL_LR = 1e-3
 LOCAL_HELDOUT_TOKENS = 2048  # local mode: held-out calibration tokens for the per-block error
 _PARAMETRIC_ROUTERS = ("linear", "analytical", "mlp")
+DENSE_TEXT = "dense"  # --text: windows sampled from the dense base model
+SAMPLE_TOP_P = 0.95
+SAMPLE_BATCH = 32
 
 
 # --------------------------------------------------------------------------- settings
@@ -75,7 +81,8 @@ _PARAMETRIC_ROUTERS = ("linear", "analytical", "mlp")
 class FinetuneConfig:
     """Settings of a fine-tuning run (docs/methods.md, "Light fine-tuning").
 
-    text: training text source (its calibration split); samples x seq_len windows.
+    text: training text source (its calibration split), or "dense": windows sampled from the dense base model;
+        samples x seq_len windows.
     steps / tokens: the budget, at most one of them (default: one epoch over the windows).
     batch_size: windows per optimizer step (local mode: batch_size x seq_len tokens per step).
     lr: learning rate of the LoRA adapters and the router (default 2e-4), or of the expert weights in local
@@ -303,17 +310,17 @@ class FinetuneInputs:
     path: str | None  # checkpoint folder (None for a model given in memory)
     tokenizer: Any
     plan: FinetunePlan
-    windows: torch.Tensor  # [samples, seq_len] training windows
+    windows: torch.Tensor | None  # [samples, seq_len] training windows (None: sampled from the dense model once it is loaded)
     heldout: torch.Tensor | None  # local mode: held-out calibration tokens for the per-block error
     eval_windows: torch.Tensor | None
+    overlap_windows: torch.Tensor | None  # the evaluation windows sampled training windows are checked against
     base_path: str | None  # the dense base model, when it can be loaded
     base_note: str | None
 
 
 def prepare(model_or_dir, config: FinetuneConfig, *, tokenizer=None) -> FinetuneInputs:
     """Every check that needs no weights: settings, checkpoint, plan, texts, windows, overlap, base model."""
-    from .data.calibration import Calibration
-    from .data.texts import check_text_source, load_token_ids, perplexity_windows
+    from .data.texts import check_text_source, perplexity_windows
     from .models.checkpoint import check_model_source, load_tokenizer, recorded_base_model
     from .pipeline.convert import config_intermediate_sizes
 
@@ -336,7 +343,12 @@ def prepare(model_or_dir, config: FinetuneConfig, *, tokenizer=None) -> Finetune
     plan = plan_finetune(mo, config_intermediate_sizes(cfg), config)
     if not config.local and (plan.lora or plan.attention) and importlib.util.find_spec("peft") is None:
         raise InputError("LoRA fine-tuning needs peft: pip install 'moeify[train]' (or --local, or --what scale,bias without lora).")
-    check_text_source(config.text, "calibration", what="--text")
+    sampled = is_dense_text(config.text)
+    if sampled and config.local:
+        raise InputError("--text dense samples training windows for the full mode; --local reads the blocks' inputs from a text source "
+                         "(e.g. --text austen).")
+    if not sampled:
+        check_text_source(config.text, "calibration", what="--text")
     evaluate_on = config.evaluate or str(config.ppl).lower() == "austen"  # the protocol's windows are checked even with --no-eval
     if config.evaluate:
         check_text_source(config.ppl, "heldout", what="--ppl")
@@ -345,20 +357,7 @@ def prepare(model_or_dir, config: FinetuneConfig, *, tokenizer=None) -> Finetune
         if path is None:
             raise InputError("pass tokenizer=... (the model carries none).")
         tok = load_tokenizer(path, what="DIR")
-    need = config.samples * config.seq_len + 1  # room for windows that need not overlap
-    try:
-        n = int(load_token_ids(tok, config.text, "calibration").numel())
-    except InputError as e:
-        raise InputError(f"--text {config.text}: {e}") from None
-    if n < need:
-        raise InputError(f"--text {config.text} has {n} tokens (calibration split); {config.samples} windows of {config.seq_len} tokens need at "
-                         f"least {need}: give more text, or fewer --samples or a shorter --seq-len.")
-    try:
-        cal = Calibration(source=str(config.text), samples=config.samples, seq_len=config.seq_len, seed=config.seed,
-                          heldout_tokens=LOCAL_HELDOUT_TOKENS if config.local else 0)
-        windows, heldout = cal.windows(tok)
-    except InputError as e:
-        raise InputError(f"--text {config.text}: {e}") from None
+    windows, heldout = (None, None) if sampled else _text_windows(tok, config)
     eval_windows = None
     if evaluate_on:
         try:
@@ -367,7 +366,7 @@ def prepare(model_or_dir, config: FinetuneConfig, *, tokenizer=None) -> Finetune
             if config.evaluate:
                 raise InputError(f"--ppl {config.ppl}: {e}") from None
             log.warning("no overlap check against the %s evaluation windows (--no-eval, and they cannot be read: %s)", config.ppl, e)
-    if eval_windows is not None:
+    if eval_windows is not None and windows is not None:
         check_no_overlap(windows, eval_windows)
         if heldout is not None:
             check_no_overlap(heldout, eval_windows)
@@ -380,6 +379,9 @@ def prepare(model_or_dir, config: FinetuneConfig, *, tokenizer=None) -> Finetune
             note = str(e)
     else:
         note = "the checkpoint records no base model"
+    if sampled and base_path is None:
+        raise InputError(f"--text dense samples the training windows from the dense base model, which cannot be loaded ({note}); "
+                         "give a text source (e.g. --text austen), or make the recorded base model available.")
     if config.distill and base_path is None:
         raise InputError(f"--distill {config.distill:g} learns from the dense base model, which cannot be loaded ({note}); "
                          "use --distill 0, or make the recorded base model available.")
@@ -387,7 +389,60 @@ def prepare(model_or_dir, config: FinetuneConfig, *, tokenizer=None) -> Finetune
         raise InputError("--local trains each block to match the dense MLP, and this checkpoint's blocks no longer hold the whole dense MLP "
                          f"(neurons dropped, refit or fine-tuned experts), so the dense base model's weights are needed: {note}.")
     return FinetuneInputs(path=path, tokenizer=tok, plan=plan, windows=windows, heldout=heldout,
-                          eval_windows=eval_windows if config.evaluate else None, base_path=base_path, base_note=note)
+                          eval_windows=eval_windows if config.evaluate else None, overlap_windows=eval_windows if sampled else None,
+                          base_path=base_path, base_note=note)
+
+
+def is_dense_text(text) -> bool:
+    return isinstance(text, str) and text.strip().lower() == DENSE_TEXT
+
+
+def _text_windows(tok, config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training windows (and the local mode's held-out tokens) from the text source's calibration split."""
+    from .data.calibration import Calibration
+    from .data.texts import load_token_ids
+
+    need = config.samples * config.seq_len + 1  # room for windows that need not overlap
+    try:
+        n = int(load_token_ids(tok, config.text, "calibration").numel())
+    except InputError as e:
+        raise InputError(f"--text {config.text}: {e}") from None
+    if n < need:
+        raise InputError(f"--text {config.text} has {n} tokens (calibration split); {config.samples} windows of {config.seq_len} tokens need at "
+                         f"least {need}: give more text, or fewer --samples or a shorter --seq-len.")
+    try:
+        cal = Calibration(source=str(config.text), samples=config.samples, seq_len=config.seq_len, seed=config.seed,
+                          heldout_tokens=LOCAL_HELDOUT_TOKENS if config.local else 0)
+        return cal.windows(tok)
+    except InputError as e:
+        raise InputError(f"--text {config.text}: {e}") from None
+
+
+def dense_samples(model, tokenizer, samples: int, seq_len: int, seed: int, progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    """`samples` windows of `seq_len` tokens written by `model`: nucleus sampling (p = SAMPLE_TOP_P, temperature 1) from
+    the beginning-of-text token, end-of-text suppressed until the window is full, batches of SAMPLE_BATCH with the
+    KV cache, seeded (the global RNG is restored afterwards). Returns (windows [samples, seq_len], a report)."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise InputError("--text dense: the tokenizer has no beginning- or end-of-text token to start the samples from.")
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_p=SAMPLE_TOP_P, top_k=0, max_new_tokens=seq_len - 1,
+                           min_new_tokens=seq_len - 1, pad_token_id=start, eos_token_id=tokenizer.eos_token_id)
+    out, t0 = [], time.perf_counter()
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for i in tqdm(range(0, samples, SAMPLE_BATCH), desc="sampling windows", unit="batch", disable=not progress):
+            ids = torch.full((min(SAMPLE_BATCH, samples - i), 1), start, dtype=torch.long)
+            out.append(model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen))
+    model.train(was_training)
+    windows = torch.cat(out)
+    assert windows.shape == (samples, seq_len), windows.shape
+    return windows, {"source": DENSE_TEXT, "top_p": SAMPLE_TOP_P, "temperature": 1.0, "start_token": int(start),
+                     "tokens": int(windows.numel()), "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- the run
@@ -421,8 +476,13 @@ def finetune(model_or_dir, config: FinetuneConfig, *, tokenizer=None, progress: 
                "windows": int(inputs.eval_windows.shape[0]), "tokens": int(inputs.eval_windows.shape[0] * (inputs.eval_windows.shape[1] - 1))}
         ppl["before"] = perplexity(model, inputs.eval_windows, progress=progress)["ppl"]
     need_base = (config.local and not plan.dense_exact) or bool(config.distill)  # the dense MLP's outputs, or the teacher
-    if inputs.base_path is not None and (need_base or inputs.eval_windows is not None):
+    windows = inputs.windows
+    if inputs.base_path is not None and (need_base or windows is None or inputs.eval_windows is not None):
         base = load_model(inputs.base_path, dtype="float32", with_tokenizer=False)[0]
+        if windows is None:  # --text dense: the dense model writes the training windows
+            windows, report["text"] = dense_samples(base, inputs.tokenizer, config.samples, config.seq_len, config.seed, progress)
+            if inputs.overlap_windows is not None:
+                check_no_overlap(windows, inputs.overlap_windows)
         if inputs.eval_windows is not None:
             ppl["dense"] = perplexity(base, inputs.eval_windows, progress=progress)["ppl"]
         if not need_base:
@@ -434,7 +494,7 @@ def finetune(model_or_dir, config: FinetuneConfig, *, tokenizer=None, progress: 
     if config.local:
         report.update(_train_local(model, blocks, plan, inputs, config, base, progress))
     else:
-        report.update(_train_full(model, blocks, plan, inputs.windows, config, progress, teacher=base))
+        report.update(_train_full(model, blocks, plan, windows, config, progress, teacher=base))
         if config.distill:
             report["distill"] = {"weight": float(config.distill), "teacher": inputs.base_path}
     report["seconds"] = time.perf_counter() - t0
@@ -548,8 +608,11 @@ def finetune_dense_control(dense: nn.Module, config: FinetuneConfig, *, tokenize
         raise InputError("the dense control is for the full mode: the local mode learns the dense MLP's outputs, never the text.")
     if getattr(dense.config, "moeify", None):
         raise InputError("the dense control takes the dense base model, not a converted one.")
-    windows, _ = Calibration(source=str(config.text), samples=config.samples, seq_len=config.seq_len, seed=config.seed,
-                             heldout_tokens=0).windows(tokenizer)
+    if is_dense_text(config.text):  # the same windows as the converted model's run: sampled from the dense model before it trains
+        windows, _ = dense_samples(dense, tokenizer, config.samples, config.seq_len, config.seed, progress)
+    else:
+        windows, _ = Calibration(source=str(config.text), samples=config.samples, seq_len=config.seq_len, seed=config.seed,
+                                 heldout_tokens=0).windows(tokenizer)
     plan = FinetunePlan(blocks=[], lora=[], scale=[], bias=[], router=[], attention=True, dense_exact=True, notes=["dense control"])
     teacher = copy.deepcopy(dense).requires_grad_(False) if config.distill else None  # the same loss: against the untouched dense model
     t0 = time.perf_counter()

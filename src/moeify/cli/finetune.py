@@ -15,7 +15,7 @@ from .app import _environment, _write_json, app, check_output_dir, check_output_
 def finetune(
     checkpoint: str = typer.Argument(..., metavar="DIR", help="A moeify-converted checkpoint folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the fine-tuned checkpoint to."),
-    text: str = typer.Option("austen", help="Training text (its calibration split): austen | wikitext2 | c4 | FILE | DIR | FILE.jsonl[:field] | hf:..."),
+    text: str = typer.Option("austen", help="Training text (its calibration split): austen | wikitext2 | c4 | FILE | DIR | FILE.jsonl[:field] | hf:... | dense (windows sampled from the dense base model: data-free distillation)"),
     samples: int = typer.Option(64, help="Training windows (drawn like calibration windows)."),
     seq_len: int = typer.Option(512, help="Window length in tokens."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: one epoch over the windows); per block with --local."),
@@ -76,6 +76,8 @@ def _print(r: dict[str, Any]) -> None:
         t.add_row(f"KL to the dense model first / last step (distill {r['distill']['weight']:g})",
                   f"{loss['kl_per_step'][0]:.4f} / {loss['kl_per_step'][-1]:.4f}")
     t.add_row("steps" + (" per block" if r["mode"] == "local" else ""), str(r["steps"]))
+    if r.get("text"):
+        t.add_row("training windows sampled from the dense model", f"{r['text']['tokens']:,} tokens in {r['text']['seconds']:.1f} s")
     t.add_row("tokens trained", f"{r['tokens']:,}")
     t.add_row("training time", f"{r['seconds']:.1f} s ({r['tokens'] / max(r['seconds'], 1e-9):.0f} tokens/s)")
     t.add_row("total time (incl. perplexity)", f"{r['total_seconds']:.1f} s")
