@@ -296,7 +296,8 @@ def test_dense_control_distills_from_a_frozen_copy_of_itself(world):
     assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
 
 
-def test_distillation_without_the_dense_base_model_is_refused_before_loading(world, tmp_path, no_loading):
+def _orphan(world, tmp_path) -> str:
+    """A copy of the converted checkpoint whose recorded dense base model is gone."""
     import shutil
 
     folder = tmp_path / "orphan"
@@ -304,6 +305,11 @@ def test_distillation_without_the_dense_base_model_is_refused_before_loading(wor
     cfg = json.loads((folder / "config.json").read_text())
     cfg["moeify"]["provenance"]["base_model"] = str(tmp_path / "gone")
     (folder / "config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+def test_distillation_without_the_dense_base_model_is_refused_before_loading(world, tmp_path, no_loading):
+    folder = _orphan(world, tmp_path)
     with pytest.raises(InputError, match=r"--distill 0.5 learns from the dense base model, which cannot be loaded"):
         ft_module.prepare(str(folder), _cfg(world, distill=0.5))
     ft_module.prepare(str(folder), _cfg(world))  # without distillation the base model is not needed
@@ -360,15 +366,9 @@ def test_distillation_on_windows_the_dense_model_wrote(sharp):
 
 
 def test_dense_text_is_refused_up_front_without_the_base_model_or_with_local(world, tmp_path, no_loading):
-    import shutil
-
     with pytest.raises(InputError, match="--text dense samples training windows for the full mode; --local"):
         ft_module.prepare(world["cmoe"], _cfg(world, text="dense", local=True))
-    folder = tmp_path / "orphan"
-    shutil.copytree(world["cmoe"], folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["moeify"]["provenance"]["base_model"] = str(tmp_path / "gone")
-    (folder / "config.json").write_text(json.dumps(cfg))
+    folder = _orphan(world, tmp_path)
     with pytest.raises(InputError, match=r"--text dense samples the training windows from the dense base model, which cannot be loaded"):
         ft_module.prepare(str(folder), _cfg(world, text="dense"))
     inputs = ft_module.prepare(world["cmoe"], _cfg(world, text="DENSE"))  # no text read: the windows come later
