@@ -312,8 +312,7 @@ class FinetuneInputs:
     plan: FinetunePlan
     windows: torch.Tensor | None  # [samples, seq_len] training windows (None: sampled from the dense model once it is loaded)
     heldout: torch.Tensor | None  # local mode: held-out calibration tokens for the per-block error
-    eval_windows: torch.Tensor | None
-    overlap_windows: torch.Tensor | None  # the evaluation windows sampled training windows are checked against
+    eval_windows: torch.Tensor | None  # the evaluation windows (overlap check; scored when config.evaluate)
     base_path: str | None  # the dense base model, when it can be loaded
     base_note: str | None
 
@@ -389,8 +388,7 @@ def prepare(model_or_dir, config: FinetuneConfig, *, tokenizer=None) -> Finetune
         raise InputError("--local trains each block to match the dense MLP, and this checkpoint's blocks no longer hold the whole dense MLP "
                          f"(neurons dropped, refit or fine-tuned experts), so the dense base model's weights are needed: {note}.")
     return FinetuneInputs(path=path, tokenizer=tok, plan=plan, windows=windows, heldout=heldout,
-                          eval_windows=eval_windows if config.evaluate else None, overlap_windows=eval_windows if sampled else None,
-                          base_path=base_path, base_note=note)
+                          eval_windows=eval_windows, base_path=base_path, base_note=note)
 
 
 def is_dense_text(text) -> bool:
@@ -471,23 +469,24 @@ def finetune(model_or_dir, config: FinetuneConfig, *, tokenizer=None, progress: 
                               "attention_lora": plan.attention, "notes": list(plan.notes)}
     ppl: dict[str, Any] = {}
     base = None
-    if inputs.eval_windows is not None:
-        ppl = {"source": str(config.ppl), "protocol": _protocol(config.ppl, int(inputs.eval_windows.shape[0])),
-               "windows": int(inputs.eval_windows.shape[0]), "tokens": int(inputs.eval_windows.shape[0] * (inputs.eval_windows.shape[1] - 1))}
-        ppl["before"] = perplexity(model, inputs.eval_windows, progress=progress)["ppl"]
+    scored = inputs.eval_windows if config.evaluate else None
+    if scored is not None:
+        ppl = {"source": str(config.ppl), "protocol": _protocol(config.ppl, int(scored.shape[0])),
+               "windows": int(scored.shape[0]), "tokens": int(scored.shape[0] * (scored.shape[1] - 1))}
+        ppl["before"] = perplexity(model, scored, progress=progress)["ppl"]
     need_base = (config.local and not plan.dense_exact) or bool(config.distill)  # the dense MLP's outputs, or the teacher
     windows = inputs.windows
-    if inputs.base_path is not None and (need_base or windows is None or inputs.eval_windows is not None):
+    if inputs.base_path is not None and (need_base or windows is None or scored is not None):
         base = load_model(inputs.base_path, dtype="float32", with_tokenizer=False)[0]
         if windows is None:  # --text dense: the dense model writes the training windows
             windows, report["text"] = dense_samples(base, inputs.tokenizer, config.samples, config.seq_len, config.seed, progress)
-            if inputs.overlap_windows is not None:
-                check_no_overlap(windows, inputs.overlap_windows)
-        if inputs.eval_windows is not None:
-            ppl["dense"] = perplexity(base, inputs.eval_windows, progress=progress)["ppl"]
+            if inputs.eval_windows is not None:
+                check_no_overlap(windows, inputs.eval_windows)
+        if scored is not None:
+            ppl["dense"] = perplexity(base, scored, progress=progress)["ppl"]
         if not need_base:
             base = None  # not kept in memory while training
-    elif inputs.eval_windows is not None:
+    elif scored is not None:
         ppl["dense"] = None
         report["notes"].append(f"no dense perplexity: {inputs.base_note}")
     t0 = time.perf_counter()
@@ -499,8 +498,8 @@ def finetune(model_or_dir, config: FinetuneConfig, *, tokenizer=None, progress: 
             report["distill"] = {"weight": float(config.distill), "teacher": inputs.base_path}
     report["seconds"] = time.perf_counter() - t0
     del base
-    if inputs.eval_windows is not None:
-        ppl["after"] = perplexity(model, inputs.eval_windows, progress=progress)["ppl"]
+    if scored is not None:
+        ppl["after"] = perplexity(model, scored, progress=progress)["ppl"]
         report["ppl"] = ppl
     report["u"] = _u_stats(blocks, plan.scale)
     report["bias"] = _bias_stats(blocks, plan.bias)
