@@ -131,3 +131,47 @@ def test_topk_selects_highest_scores_and_skips_unselected():
             idx = plan.experts[e]
             exp = (torch.nn.functional.silu(x[t] @ w.gate[idx].T) * (x[t] @ w.up[idx].T)) @ w.down[:, idx].T
             assert torch.allclose(out[t], exp, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["silu", "relu", "gelu_pytorch_tanh"])
+def test_hidden_in_reused_blocks_equals_the_mlp_formula(act):
+    """h(x) = act(W_gate x) * (W_up x), computed in token blocks through reused buffers (a partial last block too)."""
+    from transformers.activations import ACT2FN
+
+    g = torch.Generator().manual_seed(0)
+    w = GatedWeights(torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(16, 24, generator=g), act)
+    x = torch.randn(37, 16, generator=g)
+    want = ACT2FN[act](x @ w.gate.T) * (x @ w.up.T)
+    for chunk in (5, 16, 64):
+        torch.testing.assert_close(w.hidden(x, chunk=chunk), want, atol=1e-5, rtol=1e-6)
+    # a stale block would show: the second block's rows must not be the first block's
+    h = w.hidden(x, chunk=16)
+    assert not torch.equal(h[16:32], h[:16])
+
+
+def test_in_place_activations_match_transformers_modules():
+    from transformers.activations import ACT2FN
+
+    from moeify.core.dense import IN_PLACE_ACTIVATIONS
+
+    x = torch.randn(1000) * 4
+    for name, fn in IN_PLACE_ACTIVATIONS.items():
+        y = x.clone()
+        out = fn(y)
+        torch.testing.assert_close(out, ACT2FN[name](x), atol=0, rtol=0)
+        assert out.data_ptr() == y.data_ptr()  # in place: no new block of memory
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_mlp_output_is_refused_wherever_it_is(bad):
+    from moeify.core.dense import check_finite_output
+    from moeify.errors import InputError
+
+    y = torch.randn(64, 8)
+    check_finite_output(y, 3)  # finite: accepted
+    check_finite_output(y[:0], 3)  # no tokens: nothing to refuse
+    for pos in [(0, 0), (37, 5), (63, 7)]:
+        z = y.clone()
+        z[pos] = bad
+        with pytest.raises(InputError, match="layer 3: the MLP activations contain NaN or inf"):
+            check_finite_output(z, 3)
