@@ -213,9 +213,12 @@ class _Parts:
 
 
 def _parts(h: torch.Tensor, down: torch.Tensor, shared: np.ndarray, experts: list[np.ndarray]) -> _Parts:
+    T = h.shape[0]
+    gathered = h.new_empty(T * max([shared.size] + [e.size for e in experts]))  # one buffer for every expert's h columns
+
     def part(idx):
         i = torch.as_tensor(idx)
-        return h[:, i] @ down[:, i].T
+        return torch.index_select(h, 1, i, out=gathered[: T * i.numel()].view(T, i.numel())) @ down[:, i].T
 
     sh = part(shared) if shared.size else h.new_zeros(h.shape[0], down.shape[0])
     ex = [part(e) for e in experts]
