@@ -23,7 +23,7 @@ def activation(name: str) -> nn.Module:
     return ACT2FN[name]
 
 
-# In-place forms of the activations (the same kernels as transformers' modules, checked equal in tests/test_dense.py)
+# In-place forms of the activations (the same kernels as transformers' modules, checked equal in tests/test_exactness.py)
 IN_PLACE_ACTIVATIONS = {
     "silu": functools.partial(torch.nn.functional.silu, inplace=True),
     "swish": functools.partial(torch.nn.functional.silu, inplace=True),
