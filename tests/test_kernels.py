@@ -285,12 +285,18 @@ def test_decode_step_from_several_threads():
     """Buffers are per thread: concurrent decoding in two threads gives each token its own result."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import threading
+
     block = _block(sizes=(10,) * 6, shared=7, top_k=3, compensate=True)
     xs = [_x(1, seed=400 + t) for t in range(64)]
+    both = threading.Barrier(2)  # the first two tokens wait for each other: two threads surely decode
     with torch.no_grad():
         refs = [block.forward_reference(x) for x in xs]
+        torch_backend.moe_forward(block, xs[0])  # the block's prepared state made here, not raced for by the threads
 
         def one(i):
+            if i < 2:
+                both.wait(timeout=60)
             with torch.no_grad():
                 return torch_backend.moe_forward(block, xs[i])
 
@@ -298,7 +304,7 @@ def test_decode_step_from_several_threads():
             outs = list(pool.map(one, range(len(xs))))
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
-    assert len(common.prepared(block, xs[0]).decode._bufs) >= 2
+    assert len(common.prepared(block, xs[0]).decode._bufs) >= 3  # this thread's and at least two of the pool's
 
 
 def test_one_token_path_runs_on_views_of_the_packed_weights():
