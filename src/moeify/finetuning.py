@@ -600,8 +600,6 @@ def finetune_dense_control(dense: nn.Module, config: FinetuneConfig, *, tokenize
     recovery. With distillation the control trains on the same loss against a frozen copy of itself.
     Returns (model changed in place, report).
     """
-    from .data.calibration import Calibration
-
     config.check()
     if config.local:
         raise InputError("the dense control is for the full mode: the local mode learns the dense MLP's outputs, never the text.")
@@ -609,9 +607,8 @@ def finetune_dense_control(dense: nn.Module, config: FinetuneConfig, *, tokenize
         raise InputError("the dense control takes the dense base model, not a converted one.")
     if is_dense_text(config.text):  # the same windows as the converted model's run: sampled from the dense model before it trains
         windows, _ = dense_samples(dense, tokenizer, config.samples, config.seq_len, config.seed, progress)
-    else:
-        windows, _ = Calibration(source=str(config.text), samples=config.samples, seq_len=config.seq_len, seed=config.seed,
-                                 heldout_tokens=0).windows(tokenizer)
+    else:  # the windows `prepare` gives the converted model's run (the full mode: no held-out tokens)
+        windows, _ = _text_windows(tokenizer, config)
     plan = FinetunePlan(blocks=[], lora=[], scale=[], bias=[], router=[], attention=True, dense_exact=True, notes=["dense control"])
     teacher = copy.deepcopy(dense).requires_grad_(False) if config.distill else None  # the same loss: against the untouched dense model
     t0 = time.perf_counter()

@@ -160,7 +160,7 @@ def balanced_kmeans(feats: torch.Tensor, sizes: list[int], init: np.ndarray, max
     cent = feats[torch.as_tensor(init)].clone()
     size_t = torch.as_tensor(sizes, dtype=torch.float32)[:, None]
     assign, sums = None, None
-    moved_rows = torch.empty_like(feats)
+    moved_rows = feats.new_empty(0, feats.shape[1])  # grown to the most items that moved in one iteration
     it = 0
     for it in range(1, max_iters + 1):
         # |f_i - c_j|^2 without |f_i|^2: the same for every cluster of item i, so it cannot change the assignment
@@ -174,6 +174,8 @@ def balanced_kmeans(feats: torch.Tensor, sizes: list[int], init: np.ndarray, max
                 break
             # cluster sums follow the items that moved (few after the first iterations); their rows go through one
             # reused buffer (fresh ones would be fresh pages on every iteration where large blocks are mapped anew)
+            if moved_rows.shape[0] < moved.size:
+                moved_rows = feats.new_empty(moved.size, feats.shape[1])
             rows = torch.index_select(feats, 0, torch.as_tensor(moved), out=moved_rows[: moved.size])
             sums.index_add_(0, torch.as_tensor(new[moved]), rows).index_add_(0, torch.as_tensor(assign[moved]), rows, alpha=-1.0)
         assign = new
