@@ -27,7 +27,7 @@ from moeify.blocks.moe import MoEMLP
 from moeify.core.dense import GatedWeights
 from moeify.core.plan import LayerPlan
 from moeify.errors import InputError
-from moeify.kernels import common, torch_backend
+from moeify.kernels import common, native, torch_backend
 
 from .conftest import tiny_model
 from .integer_blocks import assert_sums_need_float32, integer_block, integer_inputs
@@ -162,6 +162,27 @@ def bf16_layout(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["native", "torch"])
+def decode_path(request, monkeypatch):
+    """Both batch-1 decode steps of an equal-size, static-gate block: the compiled one (kernels/native.py, the default
+    wherever a C compiler is) and the torch one it falls back to (`MOEIFY_NATIVE=0`)."""
+    if request.param == "torch":
+        monkeypatch.setenv("MOEIFY_NATIVE", "0")
+    else:
+        assert native.enabled(), "the compiled decode step did not build here (see the log): CI machines have a C compiler"
+    return request.param
+
+
+def _decode_state(block, x, path):
+    """The decode state the step left in the block's prepared state, checking the expected path ran."""
+    p = common.prepared(block, x)
+    if path == "native":
+        assert p.native and p.decode is None
+        return p.native
+    assert p.native is False and p.decode is not None
+    return p.decode
+
+
 def test_native_bf16_follows_the_code_path_aten_chose(monkeypatch):
     common.native_bf16.cache_clear()
     try:
@@ -221,7 +242,8 @@ def test_masked_path_is_chosen_only_when_the_tokens_cover_the_experts(monkeypatc
             assert (used == ["masked"]) == (3 <= T <= torch_backend.MASKED_MAX_TOKENS), T
 
 
-def test_one_token_path_merges_neighbouring_experts_exactly():
+def test_one_token_path_merges_neighbouring_experts_exactly(monkeypatch):
+    monkeypatch.setenv("MOEIFY_NATIVE", "0")  # the torch step (the compiled one has no runs: tested below)
     block = _block(sizes=(10,) * 6, shared=7, top_k=3, router="analytical", compensate=True)
     runs = 0
     with torch.no_grad():
@@ -250,7 +272,7 @@ EQUAL_CASES = [
 
 @pytest.mark.parametrize("case", EQUAL_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k != "sizes"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_equals_reference(case, dtype, bf16_layout):
+def test_decode_step_equals_reference(case, dtype, bf16_layout, decode_path):
     block = _block(**case).to(dtype)
     atol, rtol = (2e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1e-3)
     outs = []
@@ -261,14 +283,14 @@ def test_decode_step_equals_reference(case, dtype, bf16_layout):
             assert out.dtype == torch.float32
             torch.testing.assert_close(out, block.forward_reference(x), atol=atol, rtol=rtol)
             outs.append((x, out))
-        assert common.prepared(block, _x(1, dtype=dtype)).decode is not None  # the batch-1 path ran, not the fallback
+        _decode_state(block, _x(1, dtype=dtype), decode_path)  # the batch-1 step ran, not the general one-token path
         for x, out in outs:  # each call returned its own tensor: later tokens did not overwrite earlier outputs
             torch.testing.assert_close(out, block.forward_reference(x), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("chosen", [(0, 1, 2), (3, 4, 5), (0, 2, 4), (1, 2, 5)])
 @pytest.mark.parametrize("scales", [False, True])
-def test_decode_step_runs_of_neighbouring_experts(chosen, scales):
+def test_decode_step_runs_of_neighbouring_experts(chosen, scales, decode_path):
     """A selection forced by the balancing bias: a run of three, of two plus one, three single experts;
     with per-expert scales a run is split into one matmul per expert."""
     block = _block(sizes=(10,) * 6, shared=7, top_k=3, compensate=True, scales=scales)
@@ -281,8 +303,9 @@ def test_decode_step_runs_of_neighbouring_experts(chosen, scales):
             torch.testing.assert_close(torch_backend.moe_forward(block, x), block.forward_reference(x), atol=2e-5, rtol=1e-5)
 
 
-def test_decode_step_from_several_threads():
-    """Buffers are per thread: concurrent decoding in two threads gives each token its own result."""
+def test_decode_step_from_several_threads(decode_path):
+    """Concurrent decoding in several threads gives each token its own result (the torch step: per-thread buffers;
+    the compiled step: nothing shared but the weights)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import threading
@@ -304,7 +327,102 @@ def test_decode_step_from_several_threads():
             outs = list(pool.map(one, range(len(xs))))
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
-    assert len(common.prepared(block, xs[0]).decode._bufs) >= 3  # this thread's and at least two of the pool's
+    state = _decode_state(block, xs[0], decode_path)
+    if decode_path == "torch":
+        assert len(state._bufs) >= 3  # this thread's and at least two of the pool's
+
+
+# Blocks with enough active neurons (shared 64 + 3 x 64) for the compiled step to split them among threads
+WIDE = dict(sizes=(64,) * 6, shared=64, top_k=3, compensate=True)
+
+
+@pytest.mark.parametrize("case", [WIDE, dict(WIDE, router="mlp", scales=True), dict(WIDE, shared=0, selection_bias=True)],
+                         ids=["analytical", "mlp-router-scales", "no-shared"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_decode_splits_neurons_among_threads(case, threads, decode_path):
+    """The compiled step gives the block's output whatever the thread count: router, shared and selected neurons are
+    each split among the threads, whose float32 accumulators are summed."""
+    block = _block(**case)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for t in range(6):
+                x = _x(1, seed=500 + t)
+                torch.testing.assert_close(torch_backend.moe_forward(block, x), block.forward_reference(x), atol=2e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+    _decode_state(block, _x(1), decode_path)
+
+
+@pytest.mark.parametrize("case", [WIDE, dict(WIDE, router="linear", top_k=2, scales=True), dict(WIDE, act="gelu_pytorch_tanh"),
+                                  dict(WIDE, act="relu", top_k=1), dict(WIDE, act="gelu", top_k=4)],
+                         ids=["silu-analytical", "linear-scales", "gelu-tanh", "relu", "gelu"])
+def test_native_decode_in_bfloat16_is_float32_exact(case, decode_path):
+    """bfloat16 weights and input, widened exactly and accumulated in float32 throughout: the compiled step matches
+    the block's definition computed in float64 on the same bfloat16 values to float32 rounding, where the torch step
+    (bfloat16 matmul outputs and products) is ~100x further off."""
+    block = _block(**case).to(torch.bfloat16)
+    exact_block = copy.deepcopy(block).double()
+    errs = []
+    with torch.no_grad():
+        for t in range(8):
+            x = _x(1, seed=600 + t, dtype=torch.bfloat16)
+            exact = exact_block.forward_reference(x.double())
+            out = torch_backend.moe_forward(block, x)
+            errs.append(((out.double() - exact).abs().max() / exact.abs().max()).item())
+    worst = max(errs)
+    if decode_path == "native":
+        assert worst < 2e-6, errs
+    else:
+        assert worst > 1e-4, errs  # the torch step's bfloat16 roundings: the bound above is not vacuous
+
+
+def test_native_decode_selects_the_routers_top_k():
+    """The analytical router inside the compiled step picks the same experts as common.route, including with a
+    selection bias that overrides the scores."""
+    block = _block(**dict(WIDE, selection_bias=True))
+    seen = set()
+    with torch.no_grad():
+        for t in range(40):
+            x = _x(1, seed=700 + t)
+            p = common.prepared(block, x)
+            ids = sorted(common.route(block, x, p)[0][0].tolist())
+            seen.add(tuple(ids))
+            # another selection would give another output (other experts' rows, other compensation)
+            torch.testing.assert_close(torch_backend.moe_forward(block, x), block.forward_reference(x), atol=2e-5, rtol=1e-5)
+    assert p.native and p.native.inline  # routed inside the C step
+    assert len(seen) >= 4  # different tokens chose different experts
+
+
+def test_native_library_is_cached_and_falls_back_without_a_compiler(tmp_path, monkeypatch):
+    """Compiled once into MOEIFY_HOME/kernels and reused; a cache that cannot be written compiles into a private
+    temporary folder; without a compiler the torch step runs and gives the same result."""
+    monkeypatch.setenv("MOEIFY_HOME", str(tmp_path / "home"))
+    cc = os.environ.get("CC", "cc")
+    first = native._build(cc)
+    assert first.parent == tmp_path / "home" / "kernels" and first.suffix == ".so"
+    stamp = first.stat().st_mtime_ns
+    assert native._build(cc) == first and first.stat().st_mtime_ns == stamp  # no second compile
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("MOEIFY_HOME", str(tmp_path / "file"))
+    elsewhere = native._build(cc)
+    assert elsewhere.is_file() and tmp_path not in elsewhere.parents
+    block = _block(**WIDE)
+    x = _x(1)
+    with torch.no_grad():
+        compiled = torch_backend.moe_forward(block, x)
+        assert common.prepared(block, x).native
+        native.library.cache_clear()
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        try:
+            assert not native.enabled()
+            fresh = _block(**WIDE)
+            fallback = torch_backend.moe_forward(fresh, x)
+            assert common.prepared(fresh, x).native is False and common.prepared(fresh, x).decode is not None
+        finally:
+            native.library.cache_clear()
+    torch.testing.assert_close(fallback, compiled, atol=2e-5, rtol=1e-5)
 
 
 def test_one_token_path_runs_on_views_of_the_packed_weights():

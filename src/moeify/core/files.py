@@ -17,6 +17,12 @@ from typing import Any, Callable, Iterator
 from ..errors import InputError
 
 
+def moeify_home() -> Path:
+    """Root of moeify's cache (assets, compiled kernels): ``$MOEIFY_HOME``, default ``~/.cache/moeify``."""
+    env = os.environ.get("MOEIFY_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moeify"
+
+
 def prepare_output(out: str | os.PathLike, overwrite: bool) -> Path:
     """Check the output path up front, before any expensive work."""
     out = Path(out)

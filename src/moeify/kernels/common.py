@@ -104,6 +104,7 @@ class Prepared:
             self.bias_for_set: dict[tuple[int, ...], torch.Tensor] = {}
         self.runs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.decode = None  # the torch backend's batch-1 state (torch_backend.Decode), made on first use
+        self.native = None  # the compiled batch-1 step (native.NativeDecode), False where it does not apply; made on first use
 
     def run(self, block, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts first .. first+count-1 as one block of packed rows: (W_gate|W_up)^T and W_down views."""
