@@ -336,12 +336,15 @@ def test_decode_step_from_several_threads(decode_path):
 WIDE = dict(sizes=(64,) * 6, shared=64, top_k=3, compensate=True)
 
 
-@pytest.mark.parametrize("case", [WIDE, dict(WIDE, router="mlp", scales=True), dict(WIDE, shared=0, selection_bias=True)],
-                         ids=["analytical", "mlp-router-scales", "no-shared"])
+@pytest.mark.parametrize("case", [WIDE, dict(WIDE, router="mlp", scales=True), dict(WIDE, shared=0, selection_bias=True),
+                                  dict(WIDE, gate="cmoe", scales=True, selection_bias=True), dict(WIDE, router="mlp", gate="cmoe"),
+                                  dict(WIDE, router="linear", gate="softmax")],
+                         ids=["analytical", "mlp-router-scales", "no-shared", "cmoe-gate", "mlp-router-cmoe-gate", "softmax-gate"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native_decode_splits_neurons_among_threads(case, threads, decode_path):
     """The compiled step gives the block's output whatever the thread count: router, shared and selected neurons are
-    each split among the threads, whose float32 accumulators are summed."""
+    each split among the threads, whose float32 accumulators are summed. Learned gates (CMoE's fine-tuned
+    1 + softmax(s)·u, softmax) run in it too; the torch fallback for them is the general one-token path."""
     block = _block(**case)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -352,7 +355,10 @@ def test_native_decode_splits_neurons_among_threads(case, threads, decode_path):
                 torch.testing.assert_close(torch_backend.moe_forward(block, x), block.forward_reference(x), atol=2e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(before)
-    _decode_state(block, _x(1), decode_path)
+    if block.gate_u is None and block.gate_mode == "unit":
+        _decode_state(block, _x(1), decode_path)
+    else:
+        assert bool(common.prepared(block, _x(1)).native) == (decode_path == "native")
 
 
 @pytest.mark.parametrize("case", [WIDE, dict(WIDE, router="linear", top_k=2, scales=True), dict(WIDE, act="gelu_pytorch_tanh"),

@@ -11,9 +11,9 @@
  *
  * Numerics: float32 accumulation everywhere (bfloat16 weights and input are widened
  * exactly); routing in float32 as in moeify.kernels.common.route; the selected experts are the
- * top k of the scores (+ selection bias), ties to the lower index. Equal expert sizes and
- * static gates only (what torch_backend.Decode covers); moeify/kernels/native.py builds this
- * file with the machine's C compiler and falls back to the torch path when it cannot. */
+ * top k of the scores (+ selection bias), ties to the lower index, weighted by every gate rule of
+ * MoEMLP.route. Equal expert sizes only; moeify/kernels/native.py builds this file with the
+ * machine's C compiler and falls back to the torch path when it cannot. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,11 +29,13 @@ typedef struct {
     int32_t S;         /* shared-expert neurons (0: none) */
     int32_t n;         /* analytical router neurons; 0: the caller passes the selected ids */
     int32_t absolute;  /* analytical router: |act(g) * u| */
+    int32_t gate;      /* expert weight on top of its scale: 0 none, 1 CMoE's 1 + softmax(s)_e * u_e, 2 softmax(s)_e */
     const void *shared_gu, *shared_down;  /* [2S, H] (S gate rows, then S up rows), [S, H] */
     const void *gate_up, *down;           /* routed, packed: expert e is rows [2me, 2m(e+1)) and [me, m(e+1)) */
     const float *scales;                  /* [N] static expert scales, or NULL (all 1) */
     const float *router_gu, *combine;     /* analytical router, float32: [2n, H] (gate rows, up rows), [n, N] */
     const float *selection_bias;          /* [N], or NULL */
+    const float *gate_u;                  /* [N] CMoE's per-expert gate scale u (gate 1), or NULL */
     const float *bias, *bias_total;       /* compensation of unselected experts: [N, H] and its sum [H], or NULL */
 } Block;
 
@@ -106,29 +108,40 @@ static void router_neurons(const Block *B, const float *x, float *r, int lo, int
     }
 }
 
-/* scores = r @ combine + selection bias; the top k of them, ascending. */
-static void select_experts(const Block *B, const float *r, int32_t *ids) {
+/* scores s = r @ combine; the top k of s + selection bias, ascending; their weights: scale_e, times the gate of s. */
+static void select_experts(const Block *B, const float *r, int32_t *ids, float *w) {
     const int n = B->n, N = B->N;
-    float s[N];
+    float s[N], sel[N];
     char taken[N];
     for (int e = 0; e < N; e++) {
-        s[e] = B->selection_bias ? B->selection_bias[e] : 0.0f;
+        s[e] = 0.0f;
         taken[e] = 0;
     }
     for (int j = 0; j < n; j++)
         for (int e = 0; e < N; e++) s[e] += r[j] * B->combine[(size_t)j * N + e];
+    for (int e = 0; e < N; e++) sel[e] = B->selection_bias ? s[e] + B->selection_bias[e] : s[e];
     for (int t = 0; t < B->k; t++) {
         int best = -1;
         for (int e = 0; e < N; e++)  /* NaN ranks highest, as in torch.topk */
-            if (!taken[e] && (best < 0 || s[e] > s[best] || (isnan(s[e]) && !isnan(s[best])))) best = e;
+            if (!taken[e] && (best < 0 || sel[e] > sel[best] || (isnan(sel[e]) && !isnan(sel[best])))) best = e;
         taken[best] = 1;
     }
-    for (int e = 0, t = 0; e < N; e++)
-        if (taken[e]) ids[t++] = e;
+    float top = s[0], sum = 0.0f;
+    if (B->gate) {  /* softmax over all N scores (without the selection bias), as MoEMLP.route */
+        for (int e = 1; e < N; e++) top = s[e] > top ? s[e] : top;
+        for (int e = 0; e < N; e++) sum += expf(s[e] - top);
+    }
+    for (int e = 0, t = 0; e < N; e++) {
+        if (!taken[e]) continue;
+        const float p = B->gate ? expf(s[e] - top) / sum : 0.0f;
+        const float scale = B->scales ? B->scales[e] : 1.0f;
+        ids[t] = e;
+        w[t++] = B->gate == 1 ? scale * (1.0f + p * B->gate_u[e]) : B->gate == 2 ? scale * p : scale;
+    }
 }
 
 /* Routed neurons [lo, hi) of the token's k * m: the i-th selected expert's are [im, (i+1)m). */
-static void routed(const Block *B, const int32_t *ids, int lo, int hi, const float *x, float *acc) {
+static void routed(const Block *B, const int32_t *ids, const float *w, int lo, int hi, const float *x, float *acc) {
     const int m = B->m;
     const size_t es = B->bf16 ? 2 : 4, H = (size_t)B->H;
     for (int i = 0; i < B->k; i++) {
@@ -137,18 +150,19 @@ static void routed(const Block *B, const int32_t *ids, int lo, int hi, const flo
         const int e = ids[i];
         const char *gu = (const char *)B->gate_up + 2 * (size_t)m * e * H * es;
         const char *dn = (const char *)B->down + (size_t)m * e * H * es;
-        neurons(B, gu, dn, m, l - a, h - a, B->scales ? B->scales[e] : 1.0f, x, acc);
+        neurons(B, gu, dn, m, l - a, h - a, w[i], x, acc);
     }
 }
 
 /* out[H] (float32) = the block's output for one token x[H] (float32 or bfloat16, as the weights).
- * given_ids: the k selected experts when the router runs outside (B->n == 0), else NULL.
+ * given_ids, given_w: the k selected experts and their weights (NULL: each expert's scale) when the router
+ * runs outside (B->n == 0), else NULL.
  * Each thread takes its share of the router's neurons, then of the shared expert's (which
  * do not wait for the routing), then, once the experts are chosen, of the selected experts'.
  * Returns 0, or -1 when memory for the accumulators could not be had. */
-int moe_decode(const Block *B, const void *x_in, float *out, const int32_t *given_ids, int nthreads) {
+int moe_decode(const Block *B, const void *x_in, float *out, const int32_t *given_ids, const float *given_w, int nthreads) {
     const int H = B->H, S = B->S, n = B->n, km = B->k * B->m;
-    float x[H], r[n > 0 ? n : 1];
+    float x[H], r[n > 0 ? n : 1], w[B->k > 0 ? B->k : 1];
     int32_t ids[B->k > 0 ? B->k : 1];
     if (B->bf16) {
         const uint16_t *xb = (const uint16_t *)x_in;
@@ -156,7 +170,10 @@ int moe_decode(const Block *B, const void *x_in, float *out, const int32_t *give
     } else {
         memcpy(x, x_in, sizeof(float) * H);
     }
-    if (!n && B->k) memcpy(ids, given_ids, sizeof(int32_t) * B->k);
+    for (int i = 0; !n && i < B->k; i++) {
+        ids[i] = given_ids[i];
+        w[i] = given_w ? given_w[i] : B->scales ? B->scales[ids[i]] : 1.0f;
+    }
     if (nthreads > (S + km) / 64) nthreads = (S + km) / 64;  /* below ~64 neurons a thread costs more than it reads */
     if (nthreads < 1) nthreads = 1;
     /* a team smaller than asked (OMP_DYNAMIC) splits the work among fewer threads: the other accumulators stay 0 */
@@ -171,9 +188,9 @@ int moe_decode(const Block *B, const void *x_in, float *out, const int32_t *give
         if (n) {
 #pragma omp barrier
 #pragma omp single
-            select_experts(B, r, ids);
+            select_experts(B, r, ids, w);
         }
-        routed(B, ids, (int)((long)km * t / nt), (int)((long)km * (t + 1) / nt), x, acc);
+        routed(B, ids, w, (int)((long)km * t / nt), (int)((long)km * (t + 1) / nt), x, acc);
     }
     for (int i = 0; i < H; i++) {
         float v = 0.0f;

@@ -14,7 +14,8 @@ or with ``MOEIFY_NATIVE=0`` the torch path runs instead (same results to float r
 Threads: torch's intra-op count (torch.get_num_threads()); the library uses the OpenMP runtime
 torch has loaded (libgomp, the same soname), so the two share one thread pool.
 
-Covers what torch_backend.Decode covers (equal expert sizes, static gates) for float32 and
+Covers blocks with equal expert sizes (every CMoE, MoEfication and LLaMA-MoE-split layer) and
+every gate rule (static scales, CMoE's fine-tuned 1 + softmax(s)·u, softmax) for float32 and
 bfloat16 weights with silu, relu or gelu; the analytical router runs inside when it has no
 normalisation or projection, any other router runs in torch and passes its selection in.
 """
@@ -47,9 +48,9 @@ _P = ctypes.c_void_p
 class _Block(ctypes.Structure):
     """moe_decode.c's Block, field for field."""
 
-    _fields_ = [(name, ctypes.c_int32) for name in ("bf16", "H", "act", "N", "k", "m", "S", "n", "absolute")] + [
+    _fields_ = [(name, ctypes.c_int32) for name in ("bf16", "H", "act", "N", "k", "m", "S", "n", "absolute", "gate")] + [
         (name, _P) for name in ("shared_gu", "shared_down", "gate_up", "down", "scales", "router_gu", "combine",
-                                "selection_bias", "bias", "bias_total")]
+                                "selection_bias", "gate_u", "bias", "bias_total")]
 
 
 def _cpu_flags() -> str:
@@ -93,7 +94,7 @@ def library() -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", None) or e
         log.warning("moeify could not compile its decode step with %s (%s); using the torch path", cc, str(detail)[-2000:])
         return None
-    lib.moe_decode.argtypes = [ctypes.POINTER(_Block), _P, _P, _P, ctypes.c_int]
+    lib.moe_decode.argtypes = [ctypes.POINTER(_Block), _P, _P, _P, _P, ctypes.c_int]
     lib.moe_decode.restype = ctypes.c_int
     return lib
 
@@ -117,8 +118,10 @@ class NativeDecode:
         self.keep = [block.shared_gate_up, block.shared_down, block.gate_up, block.down]
         self.inline = inline
         self.k, self.H = block.top_k, block.hidden_size
+        gate = 1 if block.gate_u is not None else 2 if getattr(block, "gate_mode", "unit") == "softmax" else 0  # as MoEMLP.route
         b = _Block(bf16=int(x.dtype == torch.bfloat16), H=block.hidden_size, act=ACTIVATIONS[block.act], N=block.num_experts,
-                   k=block.top_k, m=p.experts[0][2], S=block.shared_size, n=r[0] if inline else 0, absolute=int(bool(inline and r[2])))
+                   k=block.top_k, m=p.experts[0][2], S=block.shared_size, n=r[0] if inline else 0, absolute=int(bool(inline and r[2])),
+                   gate=gate)
         b.shared_gu, b.shared_down = block.shared_gate_up.data_ptr(), block.shared_down.data_ptr()
         b.gate_up, b.down = block.gate_up.data_ptr(), block.down.data_ptr()
         if not p.unit_scale:
@@ -127,6 +130,8 @@ class NativeDecode:
             b.router_gu, b.combine = self._own(f32(r[4].t())), self._own(f32(r[5]))
             if p.has_selection_bias:
                 b.selection_bias = self._own(p.selection_bias.contiguous())
+            if gate == 1:
+                b.gate_u = self._own(f32(block.gate_u))
         if p.bias is not None:
             b.bias, b.bias_total = self._own(f32(p.bias)), self._own(f32(p.bias_total))
         self.struct = b
@@ -144,12 +149,13 @@ class NativeDecode:
         return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and block.act in ACTIVATIONS
                 and all(t.dtype == x.dtype and t.device.type == "cpu" and t.is_contiguous() for t in w) and enabled())
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        """The block's float32 output [1, H] for one token x [1, H]; ids: the k selected experts (int32) when the
-        router ran outside."""
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor | None = None, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's float32 output [1, H] for one token x [1, H]; when the router ran outside, ids: the k selected
+        experts (int32, contiguous) and w: their weights (float32, contiguous; None: each expert's scale)."""
         x = x.contiguous()
         out = torch.empty(1, self.H)
-        rc = self.fn(self.ref, x.data_ptr(), out.data_ptr(), None if ids is None else ids.data_ptr(), torch.get_num_threads())
+        rc = self.fn(self.ref, x.data_ptr(), out.data_ptr(), None if ids is None else ids.data_ptr(),
+                     None if w is None else w.data_ptr(), torch.get_num_threads())
         if rc:
             raise MemoryError("moeify's decode step could not allocate its accumulators")
         return out

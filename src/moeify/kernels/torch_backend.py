@@ -140,14 +140,6 @@ def _decode(block, x: torch.Tensor, p: Prepared, d: Decode) -> torch.Tensor:
     return out
 
 
-def _selected(block, x: torch.Tensor, p: Prepared) -> torch.Tensor:
-    """One token's k selected experts [k] (int32) from a router the compiled step does not run itself."""
-    scores = router_scores(block, x, p)
-    if p.has_selection_bias:
-        scores = scores + p.selection_bias
-    return scores.topk(block.top_k, dim=-1, sorted=False).indices[0].int()
-
-
 def _one_token(block, x: torch.Tensor, p: Prepared, out: torch.Tensor, ids: list[int], w: torch.Tensor | None) -> None:
     """Decode for blocks `_decode` does not cover (unequal experts, input-dependent gates): expert by expert."""
     if w is None:
@@ -243,12 +235,16 @@ def moe_forward(block, x: torch.Tensor) -> torch.Tensor:
         if block.num_experts:
             all_experts(block, x, p, out)
         return out
-    if T == 1 and p.equal and p.static_gates:
+    if T == 1 and p.equal:
         n = p.native
         if n is None:
             n = p.native = NativeDecode(block, p, x) if NativeDecode.covers(block, p, x) else False
         if n:
-            return n(x, None if n.inline else _selected(block, x, p))
+            if n.inline:
+                return n(x)
+            idx, w = route(block, x, p)
+            return n(x, idx[0].int(), None if w is None else w[0].float().contiguous())
+    if T == 1 and p.equal and p.static_gates:
         d = p.decode
         if d is None:
             d = p.decode = Decode(block, p, x)
