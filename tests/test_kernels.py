@@ -431,6 +431,27 @@ def test_native_library_is_cached_and_falls_back_without_a_compiler(tmp_path, mo
     torch.testing.assert_close(fallback, compiled, atol=2e-5, rtol=1e-5)
 
 
+def test_model_decode_takes_the_step_it_reports(decode_path, monkeypatch):
+    """A converted model's single-token forward (every layer's block at T = 1) matches the reference kernel, and
+    kernels.decode_steps / native.describe (what `moeify bench` records) name the step that really ran."""
+    conv = _cmoe(tiny_model("llama"), "S1A2E6")
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        kernels.use(conv, "reference")
+        ref = conv(ids).logits
+        kernels.use(conv, "auto")
+        out = conv(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    n = kernels.use(conv, "auto")
+    assert kernels.decode_steps(conv) == {"compiled" if decode_path == "native" else "torch": n}
+    info = native.describe()
+    assert info["compiled_decode"] == (decode_path == "native")
+    if decode_path == "torch":
+        assert info["why"] == "MOEIFY_NATIVE=0"
+    else:
+        assert Path(info["library"]).is_file() and info["compiler"]
+
+
 def test_one_token_path_runs_on_views_of_the_packed_weights():
     block = _block()
     p = common.prepared(block, _x(1))

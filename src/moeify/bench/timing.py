@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import kernels
 from ..blocks.moe import MoEMLP
 from ..data.texts import perplexity_windows
 from ..errors import InputError
@@ -252,6 +253,8 @@ def compare_models(
             "model": cost_summary(cost_m, dtype),
         },
         "kernels": kernel_summary(model),
+        "decode_steps": kernels.decode_steps(model),
+        "native": kernels.native.describe(),
     }
 
 

@@ -18,8 +18,12 @@ Backends (the `kernel` of a MoEMLP; `None` picks one per call):
 While autograd records (training, fine-tuning the gates) the reference path runs:
 the fast paths use in-place updates that autograd cannot differentiate through.
 
+On the CPU one token (decode) through a block with equal expert sizes takes the compiled
+step (`native`, moe_decode.c: router, shared and selected experts in one call) wherever a C
+compiler is, else torch_backend.Decode; `MOEIFY_NATIVE=0` turns the compiled step off.
+
 Modules: `common` (per-block prepared state, routing, accumulator: what both fast
-backends share), `torch_backend`, `triton_moe`. This package imports only torch,
+backends share), `torch_backend`, `native` (the compiled decode step), `triton_moe`. This package imports only torch,
 moeify.errors and moeify.core (it sits below the blocks it runs, which it reads through
 their attributes and `Router.fused_form()`); Triton is imported when the Triton backend
 is first used.
@@ -34,7 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from . import torch_backend
+from . import native, torch_backend
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -111,4 +115,19 @@ def use(model: nn.Module, backend: str = "auto") -> int:
     return n
 
 
-__all__ = ["BACKENDS", "get", "select", "triton_available", "use"]
+def decode_steps(model: nn.Module) -> dict[str, int]:
+    """How many MoE blocks of `model` decoded one token with which step, from their prepared states (after a
+    decode): "compiled" (native.NativeDecode), "torch" (torch_backend.Decode), "general" (the one-token path,
+    another backend, or no single-token call yet)."""
+    from .common import _PREPARED
+
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if callable(getattr(m, "forward_reference", None)):
+            states = list(_PREPARED.get(m, {}).values())
+            k = "compiled" if any(p.native for p in states) else "torch" if any(p.decode for p in states) else "general"
+            out[k] = out.get(k, 0) + 1
+    return out
+
+
+__all__ = ["BACKENDS", "decode_steps", "get", "select", "triton_available", "use"]

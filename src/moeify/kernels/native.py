@@ -65,7 +65,7 @@ def _cpu_flags() -> str:
 
 def _build(cc: str) -> Path:
     """The compiled library for this machine: from the cache, or compiled now."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
+    version = _compiler_version(cc)
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
     name = f"moe_decode-{key}.so"
     for folder in (moeify_home() / "kernels", None):
@@ -79,6 +79,11 @@ def _build(cc: str) -> Path:
         except OSError as e:  # the cache is not writable: compile into a private temporary folder instead
             log.debug("cannot write the kernel cache %s: %s", folder, e)
     raise OSError("no writable folder for the compiled kernel")
+
+
+@functools.cache
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
 
 
 @functools.cache
@@ -97,6 +102,15 @@ def library() -> ctypes.CDLL | None:
     lib.moe_decode.argtypes = [ctypes.POINTER(_Block), _P, _P, _P, _P, ctypes.c_int]
     lib.moe_decode.restype = ctypes.c_int
     return lib
+
+
+def describe() -> dict:
+    """For result files: whether the compiled step is in use, and the compiler and library that made it."""
+    cc = os.environ.get("CC", "cc")
+    if not enabled():
+        return {"compiled_decode": False, "why": "MOEIFY_NATIVE=0" if library() is not None else f"no working C compiler ({cc}) or not Linux"}
+    return {"compiled_decode": True, "compiler": _compiler_version(cc).splitlines()[0], "flags": " ".join(FLAGS),
+            "library": library()._name}
 
 
 def enabled() -> bool:
