@@ -352,3 +352,71 @@ def test_pull_unknown_asset_is_refused(home):
 
     r = CliRunner().invoke(app, ["pull", "llama-70b"])
     assert r.exit_code != 0 and "unknown asset" in r.output and "qwen2.5-coder-1.5b" in r.output
+
+
+# --------------------------------------------------------------------------- WordNet glosses
+
+WORDNET_NOUN = """  1 This software and database is being provided to you, the LICENSEE, by
+  2 Princeton University under the following license.
+00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived or known or inferred to have its own distinct existence (living or nonliving)  
+02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 023 @ 02083346 n 0000 | a member of the genus Canis; "the dog barked all night"  
+09999999 05 n 0a a 0 b 0 c 0 d 0 e 0 f 0 g 0 h 0 i 0 j 0 000 | ten words, counted in hexadecimal  
+"""
+WORDNET_ADJ = """00001740 00 a 01 able 0 005 = 05207437 n 0000 | (usually followed by `to') having the necessary means  
+00003356 00 s 01 ascending(a) 0 001 & 00002527 a 0000 | moving or going or growing upward  
+"""
+
+
+def test_wordnet_glosses_parses_data_lines():
+    assert assets.wordnet_glosses(WORDNET_NOUN) == [
+        "entity: that which is perceived or known or inferred to have its own distinct existence (living or nonliving)",
+        'dog, domestic dog, Canis familiaris: a member of the genus Canis; "the dog barked all night"',
+        "a, b, c, d, e, f, g, h, i, j: ten words, counted in hexadecimal",
+    ]
+    assert assets.wordnet_glosses(WORDNET_ADJ)[1] == "ascending: moving or going or growing upward"  # the (a) marker gone
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_pull_wordnet_from_deb_and_the_wordnet_text_source(home, tmp_path, monkeypatch):
+    from moeify.data.texts import load_text
+
+    pkg = tmp_path / "pkg"
+    data = pkg / "usr/share/wordnet"
+    data.mkdir(parents=True)
+    for name in assets.WORDNET_FILES:
+        (data / name).write_text({"data.noun": WORDNET_NOUN, "data.adj": WORDNET_ADJ}.get(name, "  1 header only\n"))
+    (pkg / "DEBIAN").mkdir()
+    (pkg / "DEBIAN/control").write_text("Package: wordnet-base\nVersion: 3.0-1\nArchitecture: all\n"
+                                        "Maintainer: test <t@example.org>\nDescription: test\n")
+    deb = tmp_path / "wordnet-base_3.0-1_all.deb"
+    subprocess.run(["dpkg-deb", "--build", str(pkg), str(deb)], check=True, capture_output=True)
+    monkeypatch.setattr(assets, "_apt_download", lambda package, dest, fix=None: Path(shutil.copy(deb, dest)))
+    folder = assets.pull_wordnet()
+    assert folder == home / "data" / "wordnet"
+    text = (folder / assets.WORDNET_TEXT).read_text(encoding="utf-8")
+    expected = assets.wordnet_glosses(WORDNET_NOUN) + assets.wordnet_glosses(WORDNET_ADJ)  # nouns, verbs, adjectives, adverbs
+    assert text == "\n".join(expected) + "\n"
+    assert '"synsets": 5' in (folder / assets.PROVENANCE_FILE).read_text()
+
+    def no_download(*a, **k):
+        raise AssertionError("downloaded again although the glosses are cached")
+
+    monkeypatch.setattr(assets, "_apt_download", no_download)
+    assert load_text("wordnet") == load_text("WordNet", "heldout") == text  # one text for both splits
+
+
+def test_wordnet_download_failure_names_other_sources(home, monkeypatch):
+    monkeypatch.setattr(assets, "_run", lambda cmd, cwd=None: subprocess.CompletedProcess(cmd, 100, "", "E: no network"))
+    with pytest.raises(AssetError, match="wordnet-base") as info:
+        assets.pull_wordnet()
+    assert "use another text source" in str(info.value) and "novels" not in str(info.value)
+    assert not (home / "data" / "wordnet").exists()  # nothing half-written
+
+
+@pytest.mark.integration
+def test_real_wordnet_glosses():
+    from moeify.data.texts import load_text
+
+    lines = load_text("wordnet").splitlines()
+    assert len(lines) == 117_659  # WordNet 3.0's synsets
+    assert any(line.startswith("dog, domestic dog, Canis familiaris: a member of the genus Canis") for line in lines)

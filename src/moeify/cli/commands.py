@@ -65,7 +65,7 @@ def _check_home() -> None:
 
 @app.command()
 def pull(
-    assets: Optional[list[str]] = typer.Argument(None, help="Extra assets to fetch instead of the defaults: qwen2.5-coder-1.5b (1.1 GB GGUF)."),
+    assets: Optional[list[str]] = typer.Argument(None, help="Extra assets to fetch instead of the defaults: qwen2.5-coder-1.5b (1.1 GB GGUF), wordnet (WordNet 3.0 glosses: the general-English text source 'wordnet')."),
     force: bool = typer.Option(False, help="Fetch again even if cached."),
 ) -> None:
     """Fetch and cache the default model (SmolLM2-135M-Instruct), the Austen corpus and the zero-shot task data,

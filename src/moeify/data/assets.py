@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -373,9 +374,72 @@ def pull_austen(force: bool = False) -> Path:
     return target
 
 
-def _apt_download(package: str, dest: Path) -> Path:
+# --------------------------------------------------------------------------- WordNet glosses
+
+WORDNET_DEB = "wordnet-base"
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+WORDNET_TEXT = "glosses.txt"
+
+
+def wordnet_dir() -> Path:
+    """Where :func:`pull_wordnet` keeps the glosses."""
+    return moeify_home() / "data" / "wordnet"
+
+
+def wordnet_glosses(data_file: str) -> list[str]:
+    """One line per synset of a WordNet 3.0 ``data.*`` file: ``"word, other word: gloss"``.
+
+    A data line is ``offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] ... | gloss``
+    (w_cnt in hexadecimal, ``_`` for spaces, adjective markers such as ``(a)`` after a word); the
+    licence header's lines start with spaces and are skipped.
+    """
+    out = []
+    for line in data_file.splitlines():
+        if not line or line.startswith(" ") or " | " not in line:
+            continue
+        head, gloss = line.split(" | ", 1)
+        fields = head.split()
+        words = [re.sub(r"\([a-z]+\)$", "", w).replace("_", " ") for w in fields[4 : 4 + 2 * int(fields[3], 16) : 2]]
+        out.append(f"{', '.join(words)}: {gloss.strip()}")
+    return out
+
+
+def pull_wordnet(force: bool = False) -> Path:
+    """Return ``MOEIFY_HOME/data/wordnet`` holding ``glosses.txt``: the 117,659 synsets of WordNet 3.0 as
+    ``"word, other word: gloss"`` lines (nouns, verbs, adjectives, adverbs, each in file order), from the
+    Debian package ``wordnet-base``. General English definitions and examples, the text source
+    ``"wordnet"`` (e.g. for distillation on text other than the calibration novels: `moeify finetune
+    --text wordnet`); it shares nothing with the Austen evaluation windows or the zero-shot tasks.
+    """
+    target = wordnet_dir()
+    if not force and (target / WORDNET_TEXT).is_file():
+        return target
+    logger.info("pulling the WordNet glosses (Debian package %s) into %s", WORDNET_DEB, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        deb = _apt_download(WORDNET_DEB, tmp, fix="use another text source (a .txt file, a folder, 'austen')")
+        root = tmp / "root"
+        proc = _run(["dpkg-deb", "-x", str(deb), str(root)])
+        if proc.returncode != 0:
+            raise AssetError(f"`dpkg-deb -x {deb.name}` failed: {_tail(proc.stderr)}")
+        lines = []
+        for name in WORDNET_FILES:
+            found = sorted(root.glob(f"**/wordnet/{name}"))
+            if not found:
+                raise AssetError(f"{deb.name} has no wordnet/{name}")
+            lines += wordnet_glosses(found[0].read_text(encoding="utf-8", errors="replace"))
+        with _staging(target) as staging:
+            (staging / WORDNET_TEXT).write_text("\n".join(lines) + "\n", encoding="utf-8")
+            _write_provenance(staging, asset="wordnet", source=f"Debian package {deb.name}", synsets=len(lines))
+    logger.info("WordNet glosses ready: %s", target)
+    return target
+
+
+def _apt_download(package: str, dest: Path, fix: str | None = None) -> Path:
     """``apt-get download`` a .deb into ``dest``; runs ``apt-get update`` once if
-    the package lists are missing and we are root."""
+    the package lists are missing and we are root. ``fix``: what else the user can do (default: the
+    Austen novels' manual route)."""
     cmd = ["apt-get", "download", package]
     proc = _run(cmd, cwd=dest)
     if proc.returncode != 0 and proc.returncode != 127:
@@ -390,10 +454,9 @@ def _apt_download(package: str, dest: Path) -> Path:
         raise AssetError(
             f"Could not download the Debian package {package} (`apt-get download {package}` "
             f"exit {proc.returncode}):\n{_tail(proc.stderr)}\n"
-            f"Fix: on Debian/Ubuntu run `sudo apt-get update` and retry; elsewhere put the six "
-            f"novels ({', '.join(b + '.txt' for b in AUSTEN_BOOKS)}) into "
-            f"{austen_dir()} yourself, or use another text source (a .txt file, a folder, "
-            "'wikitext2')."
+            f"Fix: on Debian/Ubuntu run `sudo apt-get update` and retry; elsewhere "
+            + (fix or f"put the six novels ({', '.join(b + '.txt' for b in AUSTEN_BOOKS)}) into "
+               f"{austen_dir()} yourself, or use another text source (a .txt file, a folder, 'wikitext2').")
         )
     return debs[0]
 
@@ -525,7 +588,7 @@ def find_zero_shot_data(dataset_path: str, dataset_name: str | None = None) -> s
     return None
 
 
-EXTRA_ASSETS = {"qwen2.5-coder-1.5b": pull_qwen_coder}
+EXTRA_ASSETS = {"qwen2.5-coder-1.5b": pull_qwen_coder, "wordnet": pull_wordnet}
 
 
 def pull_all(force: bool = False) -> dict[str, Path]:

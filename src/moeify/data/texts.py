@@ -5,6 +5,8 @@ A *source* is a string naming where text comes from:
 ==============================  ============================================================
 ``"austen"``                    offline default (protocol.md ``austen-v1``); fetched by
                                 :func:`moeify.assets.pull_austen`
+``"wordnet"``                   WordNet 3.0's glosses, one ``"word: gloss"`` line per synset (general
+                                English); fetched by :func:`moeify.assets.pull_wordnet`
 ``"wikitext2"``                 ``wikitext-2-raw-v1`` via ``datasets`` (needs the hub)
 ``"c4"``                        ``allenai/c4`` shard 0 via ``datasets`` (needs the hub)
 ``"hf:NAME[:CONFIG]:SPLIT:COL"`` any hub dataset; rows of COL joined with ``"\\n\\n"``
@@ -15,7 +17,7 @@ A *source* is a string naming where text comes from:
                                 the tokenizer's chat template
 ==============================  ============================================================
 
-The ``split`` is ``"calibration"`` or ``"heldout"``; local files and ``hf:``
+The ``split`` is ``"calibration"`` or ``"heldout"``; ``wordnet``, local files and ``hf:``
 sources are the same text for both.
 
 Windows follow protocol.md: calibration windows are drawn GPTQ-style
@@ -53,7 +55,7 @@ C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
 
 _CACHE_VERSION = 1
 _SOURCES_HELP = (
-    "A text source is 'austen', 'wikitext2', 'c4', 'hf:NAME[:CONFIG]:SPLIT:COLUMN', "
+    "A text source is 'austen', 'wordnet', 'wikitext2', 'c4', 'hf:NAME[:CONFIG]:SPLIT:COLUMN', "
     "a UTF-8 text file, a folder of .txt files, or a .jsonl file (optionally 'file.jsonl:FIELD')."
 )
 
@@ -81,6 +83,10 @@ def _load_text(source, split: str, tokenizer, *, render_chat: bool) -> str:
 
     if key == "austen":
         text = _austen(split)
+    elif key == "wordnet":
+        from .assets import WORDNET_TEXT, pull_wordnet
+
+        text = (pull_wordnet() / WORDNET_TEXT).read_text(encoding="utf-8")
     elif key in ("wikitext2", "wikitext-2", "wikitext"):
         text = _wikitext2(split)
     elif key in ("c4", "c4-new"):
