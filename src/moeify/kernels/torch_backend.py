@@ -9,6 +9,10 @@ per-expert weight views, compensation sums, whether gates are all 1) is prepared
 once per block and reused until a parameter changes. It runs on any device; on CUDA
 the Triton backend avoids the host sync.
 
+One token through a block with equal expert sizes takes the compiled step first
+(native.NativeDecode: the whole block in one C call) wherever it could be built; `Decode`
+below is its fallback, `_one_token` the path for unequal experts.
+
 Numerics follow MoEMLP.forward_reference: bf16/fp16 inputs are accumulated in
 float32, router scores are float32; results agree with the reference to float
 rounding (the summation order of the scatter differs).
