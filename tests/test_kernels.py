@@ -431,17 +431,20 @@ def test_native_library_is_cached_and_falls_back_without_a_compiler(tmp_path, mo
     torch.testing.assert_close(fallback, compiled, atol=2e-5, rtol=1e-5)
 
 
-def test_model_decode_takes_the_step_it_reports(decode_path, monkeypatch):
+def _logits(model, ids: torch.Tensor, backend: str) -> torch.Tensor:
+    """The model's logits on ids with every MoE block on `backend`."""
+    kernels.use(model, backend)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_model_decode_takes_the_step_it_reports(decode_path):
     """A converted model's single-token forward (every layer's block at T = 1) matches the reference kernel, and
     kernels.decode_steps / native.describe (what `moeify bench` records) name the step that really ran."""
     conv = _cmoe(tiny_model("llama"), "S1A2E6")
     ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        kernels.use(conv, "reference")
-        ref = conv(ids).logits
-        kernels.use(conv, "auto")
-        out = conv(ids).logits
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ref = _logits(conv, ids, "reference")
+    torch.testing.assert_close(_logits(conv, ids, "auto"), ref, atol=1e-5, rtol=1e-5)
     n = kernels.use(conv, "auto")
     assert kernels.decode_steps(conv) == {"compiled" if decode_path == "native" else "torch": n}
     info = native.describe()
@@ -642,12 +645,8 @@ def test_triton_tile_schedule_covers_every_row_once_within_one_expert():
 def test_triton_backend_in_a_converted_model(probe_ids):
     conv = _cmoe(tiny_model("llama"), "S1A2E6")
     ids = probe_ids[:, :5]
-    with torch.no_grad():
-        kernels.use(conv, "triton")
-        out = conv(ids).logits
-        kernels.use(conv, "reference")
-        ref = conv(ids).logits
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    out = _logits(conv, ids, "triton")
+    torch.testing.assert_close(out, _logits(conv, ids, "reference"), atol=1e-4, rtol=1e-4)
 
 
 @requires_triton

@@ -105,6 +105,22 @@ def test_missing_file_error_says_what_to_do(tmp_path):
     assert isinstance(info.value, ValueError)
 
 
+def test_sources_joined_with_plus(tmp_path, fake_austen):
+    """'A+B' is A's text then B's, for each split (austen's calibration novels, then its held-out ones); a file
+    whose name has a '+' is still that file; a part that is no source is named in the error."""
+    other = tmp_path / "other.txt"
+    other.write_text("general text\n")
+    for split in ("calibration", "heldout"):
+        joined = texts.load_text(f"austen+{other}", split)
+        assert joined == texts.load_text("austen", split) + "\n\n" + "general text\n"
+    assert texts.load_text(f"austen+{other}") != texts.load_text(f"austen+{other}", "heldout")
+    plus = tmp_path / "a+b.txt"
+    plus.write_text("one file\n")
+    assert texts.load_text(str(plus)) == "one file\n"
+    with pytest.raises(InputError, match="'nonsense' is not a known name"):
+        texts.load_text(f"austen+nonsense")
+
+
 @pytest.mark.parametrize("content", [b"", b"  \n\n\t "])
 def test_empty_file_is_an_error(tmp_path, content):
     p = tmp_path / "empty.txt"

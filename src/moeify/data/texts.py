@@ -15,6 +15,9 @@ A *source* is a string naming where text comes from:
 ``path/to/file.jsonl[:FIELD]``  one JSON object per line; FIELD (default ``text``) joined
                                 with ``"\\n\\n"``; a list of chat messages is rendered with
                                 the tokenizer's chat template
+``"A+B"``                       the texts of sources A and B (any of the above) joined with
+                                ``"\\n\\n"``: windows drawn from it come from each source in
+                                proportion to its length (e.g. ``"austen+wordnet"``)
 ==============================  ============================================================
 
 The ``split`` is ``"calibration"`` or ``"heldout"``; ``wordnet``, local files and ``hf:``
@@ -56,7 +59,7 @@ C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
 _CACHE_VERSION = 1
 _SOURCES_HELP = (
     "A text source is 'austen', 'wordnet', 'wikitext2', 'c4', 'hf:NAME[:CONFIG]:SPLIT:COLUMN', "
-    "a UTF-8 text file, a folder of .txt files, or a .jsonl file (optionally 'file.jsonl:FIELD')."
+    "a UTF-8 text file, a folder of .txt files, a .jsonl file (optionally 'file.jsonl:FIELD'), or several joined with '+'."
 )
 
 
@@ -80,6 +83,9 @@ def _load_text(source, split: str, tokenizer, *, render_chat: bool) -> str:
         raise InputError(f"empty text source {source!r}. {_SOURCES_HELP}")
     source = str(source)
     key = source.lower()
+    parts = source.split("+")
+    if len(parts) > 1 and all(p.strip() for p in parts) and not Path(source).expanduser().exists():
+        return "\n\n".join(_load_text(p.strip(), split, tokenizer, render_chat=render_chat) for p in parts)
 
     if key == "austen":
         text = _austen(split)
