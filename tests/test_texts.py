@@ -118,7 +118,7 @@ def test_sources_joined_with_plus(tmp_path, fake_austen):
     plus.write_text("one file\n")
     assert texts.load_text(str(plus)) == "one file\n"
     with pytest.raises(InputError, match="'nonsense' is not a known name"):
-        texts.load_text(f"austen+nonsense")
+        texts.load_text("austen+nonsense")
 
 
 @pytest.mark.parametrize("content", [b"", b"  \n\n\t "])
