@@ -409,7 +409,8 @@ def pull_wordnet(force: bool = False) -> Path:
     ``"word, other word: gloss"`` lines (nouns, verbs, adjectives, adverbs, each in file order), from the
     Debian package ``wordnet-base``. General English definitions and examples, the text source
     ``"wordnet"`` (e.g. for distillation on text other than the calibration novels: `moeify finetune
-    --text wordnet`); it shares nothing with the Austen evaluation windows or the zero-shot tasks.
+    --text wordnet`); drawn from neither the Austen novels nor the zero-shot tasks' data
+    (benchmarks/contamination.py checks the tasks' documents against it).
     """
     target = wordnet_dir()
     if not force and (target / WORDNET_TEXT).is_file():
