@@ -92,6 +92,8 @@ class Prepared:
         self.router = None
         if block.num_experts:
             self.router = _fused_router(block)
+        # the plain analytical router (no normalisation, no projection): the decode steps compute it inline
+        self.plain_router = self.router is not None and not self.router[1] and self.router[3] is None
         self.has_selection_bias = bool(block.selection_bias.any())
         self.selection_bias = block.selection_bias.detach().float()
         self.bias = None

@@ -41,6 +41,9 @@ typedef struct {
 
 typedef union { uint32_t u; float f; } bits;
 
+/* accumulators up to this size live on the caller's stack (e.g. 2 threads x H 8192, 16 threads x H 1024) */
+#define STACK_BYTES (64 * 1024)
+
 static inline float widen(uint16_t v) { bits b; b.u = (uint32_t)v << 16; return b.f; }
 
 static inline float act_fn(float g, int a) {
@@ -126,8 +129,9 @@ static void select_experts(const Block *B, const float *r, int32_t *ids, float *
             if (!taken[e] && (best < 0 || sel[e] > sel[best] || (isnan(sel[e]) && !isnan(sel[best])))) best = e;
         taken[best] = 1;
     }
-    float top = s[0], sum = 0.0f;
+    float top = 0.0f, sum = 0.0f;
     if (B->gate) {  /* softmax over all N scores (without the selection bias), as MoEMLP.route */
+        top = s[0];
         for (int e = 1; e < N; e++) top = s[e] > top ? s[e] : top;
         for (int e = 0; e < N; e++) sum += expf(s[e] - top);
     }
@@ -176,9 +180,13 @@ int moe_decode(const Block *B, const void *x_in, float *out, const int32_t *give
     }
     if (nthreads > (S + km) / 64) nthreads = (S + km) / 64;  /* below ~64 neurons a thread costs more than it reads */
     if (nthreads < 1) nthreads = 1;
-    /* a team smaller than asked (OMP_DYNAMIC) splits the work among fewer threads: the other accumulators stay 0 */
-    float *part = (float *)calloc((size_t)H * nthreads, sizeof(float));
+    /* the threads' accumulators: on this stack (no allocation per call) unless they are large; a team smaller
+     * than asked (OMP_DYNAMIC) splits the work among fewer threads and the other accumulators stay 0 */
+    const size_t bytes = sizeof(float) * (size_t)H * nthreads;
+    float on_stack[bytes <= STACK_BYTES ? (size_t)H * nthreads : 1];
+    float *part = bytes <= STACK_BYTES ? on_stack : (float *)malloc(bytes);
     if (!part) return -1;
+    memset(part, 0, bytes);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -197,7 +205,7 @@ int moe_decode(const Block *B, const void *x_in, float *out, const int32_t *give
         for (int t = 0; t < nthreads; t++) v += part[(size_t)t * H + i];
         out[i] = v;
     }
-    free(part);
+    if (part != on_stack) free(part);
     if (B->bias)
         for (int i = 0; i < H; i++) {
             float c = B->bias_total[i];

@@ -126,12 +126,11 @@ class NativeDecode:
     """
 
     def __init__(self, block, p, x: torch.Tensor):
-        r = p.router
-        inline = r is not None and not r[1] and r[3] is None  # the analytical router without normalisation/projection
+        r, inline = p.router, p.plain_router
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
         self.keep = [block.shared_gate_up, block.shared_down, block.gate_up, block.down]
         self.inline = inline
-        self.k, self.H = block.top_k, block.hidden_size
+        self.H = block.hidden_size
         gate = 1 if block.gate_u is not None else 2 if getattr(block, "gate_mode", "unit") == "softmax" else 0  # as MoEMLP.route
         b = _Block(bf16=int(x.dtype == torch.bfloat16), H=block.hidden_size, act=ACTIVATIONS[block.act], N=block.num_experts,
                    k=block.top_k, m=p.experts[0][2], S=block.shared_size, n=r[0] if inline else 0, absolute=int(bool(inline and r[2])),

@@ -63,7 +63,7 @@ class Decode:
         self.half = x.dtype != p.acc
         # the analytical router inline (its matmuls write into the buffers), else the router's own module
         r = p.router
-        self.router = r if r is not None and not r[1] and r[3] is None else None
+        self.router = r if p.plain_router else None
         self.n = r[0] if self.router is not None else 0
         self.router_t = (r[4], r[5]) if self.router is not None else None
         self.absolute = bool(r[2]) if self.router is not None else False
