@@ -162,6 +162,60 @@ def test_merged_lora_output_reloads_with_identical_logits(world, tmp_path):
     assert cfg["finetune"]["settings"]["what"] == ["bias", "lora", "scale"] and cfg["finetune"]["steps"] == 3
 
 
+def _delta_rank(model, original, name: str) -> int:
+    d = model.state_dict()[name] - original.state_dict()[name]
+    return int(torch.linalg.matrix_rank(d.reshape(-1, d.shape[-1]))) if d.abs().max() > 0 else 0
+
+
+@pytest.mark.parametrize("what,attention", [("experts", False), ("lora,experts", True)])
+def test_experts_train_at_full_rank_and_reload(world, tmp_path, what, attention):
+    original = _load(world["cmoe"])
+    model, report = finetune(world["cmoe"], _cfg(world, what=what, lr=1e-2, expert_lr=1e-2, steps=3), progress=False)
+    assert report["layers"]["experts"] == [0, 1] and report["layers"]["lora"] == []
+    for i in (0, 1):
+        for p, rows in (("gate_up", 160), ("down", 80), ("shared_gate_up", 32)):  # S1A2E6 of 96 neurons, hidden 64
+            name = f"model.layers.{i}.mlp.{p}"
+            assert original.state_dict()[name].reshape(-1, 64).shape[0] == rows
+            assert _delta_rank(model, original, name) == min(rows, 64), name  # full rank: more than any LoRA rank (8)
+    q = _delta_rank(model, original, "model.layers.0.self_attn.q_proj.weight")
+    assert q == (8 if attention else 0)  # attention: LoRA rank 8 with lora, untouched without
+    model.save_pretrained(tmp_path / "m")
+    back = _load(tmp_path / "m")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["moeify"]["finetune"]["settings"]["expert_lr"] == 1e-2
+
+
+def test_lora_alone_changes_the_experts_by_rank_8_only(world):
+    original = _load(world["cmoe"])
+    model, _ = finetune(world["cmoe"], _cfg(world, what="lora", lr=1e-2, steps=3), progress=False)
+    assert _delta_rank(model, original, "model.layers.0.mlp.shared_gate_up") == 8
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    steps = 40
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = ft_module._schedule(opt, "cosine", steps)
+    seen = []
+    for _ in range(steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    warm = 2  # 5 % of 40 steps
+    expected = [0.5 * (s + 1) / warm for s in range(warm)]
+    import math
+    expected += [0.5 * 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))) for s in range(warm, steps)]
+    assert seen == pytest.approx(expected, abs=1e-12)
+    assert seen[-1] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 37 / 38)))  # the last step still learns a little
+    flat = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    const = ft_module._schedule(flat, "constant", steps)
+    for _ in range(5):
+        flat.step()
+        const.step()
+    assert flat.param_groups[0]["lr"] == 0.5
+
+
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(world):
     a, _ = finetune(world["cmoe"], _cfg(world, lr=1e-2, steps=2), progress=False)
     b, _ = finetune(world["cmoe"], _cfg(world, lr=1e-2, steps=2), progress=False)
@@ -458,6 +512,8 @@ def test_overlap_check_trips_on_shared_text_only():
     ({"batch_size": 9}, r"--batch-size 9 is larger than --samples 8"),
     ({"lora_rank": 0}, r"--lora-rank must be an integer >= 1"),
     ({"lora_dropout": 1.0}, r"--lora-dropout must be in \[0, 1\)"),
+    ({"expert_lr": 0.0}, r"--expert-lr must be a positive number"),
+    ({"schedule": "linear"}, r"--schedule must be one of constant, cosine, got 'linear'"),
     ({"local": True, "what": "bias,router"}, r"--local .* nothing to train"),
     ({"distill": 1.5}, r"--distill is the weight of the distillation term, a number in \[0, 1\]; got 1.5"),
     ({"distill": -0.1}, r"--distill is the weight .* got -0.1"),
@@ -470,8 +526,8 @@ def test_bad_settings_raise_input_errors(world, kw, pattern):
 
 
 def test_bad_what_items_are_refused():
-    with pytest.raises(InputError, match=r"--what 'experts' .* lora, scale, bias, router"):
-        FinetuneConfig(what="lora,experts")
+    with pytest.raises(InputError, match=r"--what 'gates' .* lora, experts, scale, bias, router"):
+        FinetuneConfig(what="lora,gates")
     with pytest.raises(InputError, match=r"--what is empty"):
         FinetuneConfig(what=" , ")
 
@@ -642,6 +698,25 @@ def test_dense_control_trains_lora_on_every_decoder_linear_and_merges(world):
             assert f"model.layers.{i}.{name}.weight" in changed
     assert all(".weight" in k and ("self_attn" in k or ".mlp." in k) for k in changed)
     assert rep["steps"] == 4 and rep["loss"]["last"] < rep["loss"]["first"]
+
+
+def test_dense_control_of_an_experts_run_trains_the_mlp_at_full_rank(world):
+    from moeify.finetuning import finetune_dense_control
+    from moeify.models.checkpoint import load_tokenizer
+
+    dense = _load(world["dense"])
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    tuned, _ = finetune_dense_control(dense, _cfg(world, what="lora,experts", lr=1e-2, expert_lr=1e-2, steps=3),
+                                      tokenizer=load_tokenizer(world["dense"]), progress=False)
+    after = tuned.state_dict()
+    assert set(after) == set(before)
+
+    def rank(name):
+        return int(torch.linalg.matrix_rank(after[name] - before[name]))
+
+    for i in range(len(tuned.model.layers)):
+        assert rank(f"model.layers.{i}.mlp.gate_proj.weight") == 64 and rank(f"model.layers.{i}.mlp.down_proj.weight") == 64
+        assert rank(f"model.layers.{i}.self_attn.q_proj.weight") == 8
 
 
 def test_dense_control_refuses_converted_models_and_the_local_mode(world):

@@ -62,7 +62,10 @@ from .errors import InputError, MoeifyError
 
 log = logging.getLogger("moeify")
 
-WHAT = ("lora", "scale", "bias", "router")
+WHAT = ("lora", "experts", "scale", "bias", "router")
+SCHEDULES = ("constant", "cosine")
+EXPERT_LR = 2e-5
+WARMUP = 0.05  # cosine schedule: share of the steps spent warming up linearly
 EXPERT_PARAMS = ("shared_gate_up", "shared_down", "gate_up", "down")
 NGRAM = 32  # tokens of text that may not appear in both the training and the evaluation windows
 LORA_LR = 2e-4
@@ -88,7 +91,12 @@ class FinetuneConfig:
     lr: learning rate of the LoRA adapters and the router (default 2e-4), or of the expert weights in local
         mode (default 1e-3: measured better than 2e-4 and 5e-3 on the held-out block error); scale_lr: u's;
         bias_gamma: b's step.
-    what: any of lora, scale, bias, router (a set, or a comma-separated string).
+    expert_lr: full mode with "experts": learning rate of the expert weights themselves (full rank).
+    schedule: "constant" learning rates, or "cosine": linear warm-up over the first 5 % of the steps, then a cosine
+        decay to 0 (every parameter group).
+    what: any of lora, experts, scale, bias, router (a set, or a comma-separated string). In full mode lora adapts
+        attention and, unless "experts" is given, the expert weights; "experts" trains the expert weights at full
+        rank (at expert_lr). In local mode both mean the block's own weights.
     local: train each block alone against the dense MLP, layer by layer.
     distill: full mode, weight of the distillation term: (1 - distill) x next-token loss + distill x KL(dense || model);
         0 (default) is CMoE's next-token loss, 1 distillation alone.
@@ -103,6 +111,8 @@ class FinetuneConfig:
     batch_size: int = 4
     lr: float | None = None
     scale_lr: float = 1e-3
+    expert_lr: float = EXPERT_LR
+    schedule: str = "constant"
     bias_gamma: float = 1e-3
     lora_rank: int = 8
     lora_alpha: float = 32.0
@@ -133,7 +143,9 @@ class FinetuneConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InputError(f"--{name} must be a positive integer, got {v!r}.")
-        for name in ("lr", "scale_lr", "bias_gamma", "lora_alpha"):
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        for name in ("lr", "scale_lr", "expert_lr", "bias_gamma", "lora_alpha"):
             v = getattr(self, name)
             if name == "lr" and v is None:
                 continue
@@ -145,9 +157,9 @@ class FinetuneConfig:
             raise InputError(f"--distill is the weight of the distillation term, a number in [0, 1]; got {self.distill!r}.")
         if self.local and self.distill:
             raise InputError("--distill is for the full mode: --local already trains each block to reproduce the dense MLP's output.")
-        if self.local and not self.what & {"lora", "scale"}:
-            raise InputError(f"--local trains the expert weights (lora) and the gate scale u (scale); the router and the selection bias stay "
-                             f"fixed, so --what {','.join(sorted(self.what))} leaves nothing to train: add lora or scale.")
+        if self.local and not self.what & {"lora", "experts", "scale"}:
+            raise InputError(f"--local trains the expert weights (lora or experts) and the gate scale u (scale); the router and the selection "
+                             f"bias stay fixed, so --what {','.join(sorted(self.what))} leaves nothing to train: add experts or scale.")
 
     @property
     def learning_rate(self) -> float:
@@ -179,7 +191,7 @@ class FinetuneConfig:
 
 
 def parse_what(what) -> frozenset[str]:
-    """{"lora", "scale", "bias", "router"} from a set or a comma-separated string; unknown items are refused."""
+    """A subset of WHAT from a set or a comma-separated string; unknown items are refused."""
     items = [w.strip().lower() for w in what.split(",")] if isinstance(what, str) else [str(w).strip().lower() for w in what]
     items = [w for w in items if w]
     bad = [w for w in items if w not in WHAT]
@@ -199,6 +211,7 @@ class FinetunePlan:
 
     blocks: list[int]  # layers holding a plain MoEMLP
     lora: list[int]  # expert weights (LoRA in full mode, the block's own weights in local mode)
+    experts: list[int]  # full mode: expert weights trained at full rank
     scale: list[int]  # u (blocks with unit gates switch to the cmoe form)
     bias: list[int]  # selection bias b (full mode)
     router: list[int]  # router parameters (full mode)
@@ -226,7 +239,9 @@ def plan_finetune(moeify_cfg: dict[str, Any], intermediate_sizes: list[int], con
                          "models are not supported): convert a dense model with `moeify convert` first.")
     what, local = config.what, config.local
     routing = [i for i, lc in plain.items() if _routes(lc)]
-    lora = sorted(plain) if "lora" in what else []
+    weights = sorted(plain) if what & {"lora", "experts"} else []
+    experts = weights if "experts" in what and not local else []
+    lora = [] if experts else weights
     scale = [i for i in routing if plain[i].get("gate", "unit") in ("unit", "cmoe")] if "scale" in what else []
     if "scale" in what and len(scale) < len(routing):
         notes.append("softmax-gated blocks have no u: their gates are left as they are")
@@ -241,17 +256,17 @@ def plan_finetune(moeify_cfg: dict[str, Any], intermediate_sizes: list[int], con
                              "(g = 1 + softmax(s) u trains the router through softmax(s)).")
     if local and what & {"bias", "router"}:
         notes.append("local mode keeps the router and the selection bias fixed")
-    if not (lora or scale or bias or router):
+    if not (lora or experts or scale or bias or router):
         asked = ",".join(sorted(what))
         why = ("every block runs all of its experts (a static router, or top_k = experts), so the selection bias, u and the router change nothing"
                if not routing else "the blocks' gates have no u (softmax gates)")
-        raise InputError(f"--what {asked}: nothing to train in this checkpoint: {why}; add lora to train the expert weights.")
+        raise InputError(f"--what {asked}: nothing to train in this checkpoint: {why}; add lora or experts to train the expert weights.")
     sizes = list(intermediate_sizes) + [0] * max(0, len(layers) - len(intermediate_sizes))
     complete = all(int(lc["shared"]) + sum(int(m) for m in lc["experts"]) == sizes[i] for i, lc in plain.items())
     refit = moeify_cfg.get("refit")
     refit = bool(refit.get("layers")) if isinstance(refit, dict) else bool(refit)
-    changed = any(set(r.get("settings", {}).get("what", [])) & {"lora"} for r in _finetune_history(moeify_cfg))
-    return FinetunePlan(blocks=sorted(plain), lora=lora, scale=scale, bias=bias, router=router,
+    changed = any(set(r.get("settings", {}).get("what", [])) & {"lora", "experts"} for r in _finetune_history(moeify_cfg))
+    return FinetunePlan(blocks=sorted(plain), lora=lora, experts=experts, scale=scale, bias=bias, router=router,
                         attention="lora" in what and not local, dense_exact=complete and not refit and not changed, notes=notes)
 
 
@@ -465,7 +480,7 @@ def finetune(model_or_dir, config: FinetuneConfig, *, tokenizer=None, progress: 
     blocks = _blocks(model, inputs.plan)
     plan = inputs.plan
     report: dict[str, Any] = {"mode": "local" if config.local else "full", "settings": config.to_dict(),
-                              "layers": {k: getattr(plan, k) for k in ("lora", "scale", "bias", "router")},
+                              "layers": {k: getattr(plan, k) for k in ("lora", "experts", "scale", "bias", "router")},
                               "attention_lora": plan.attention, "notes": list(plan.notes)}
     ppl: dict[str, Any] = {}
     base = None
@@ -595,7 +610,8 @@ def finetune_dense_control(dense: nn.Module, config: FinetuneConfig, *, tokenize
 
     LoRA (same rank, alpha, dropout, learning rate, steps, seed) on every Linear of every decoder layer
     (attention and the dense MLP's projections, the counterparts of the converted model's attention and
-    expert adapters), merged. Its perplexity after training is what a converted model's fine-tuned
+    expert adapters), merged; when the run trains the experts at full rank ("experts" in config.what), the
+    dense MLP's weights train at full rank too (expert_lr) and LoRA adapts attention only. Its perplexity after training is what a converted model's fine-tuned
     perplexity is compared with, so a gain from learning the training text's domain is not counted as
     recovery. With distillation the control trains on the same loss against a frozen copy of itself.
     Returns (model changed in place, report).
@@ -609,7 +625,7 @@ def finetune_dense_control(dense: nn.Module, config: FinetuneConfig, *, tokenize
         windows, _ = dense_samples(dense, tokenizer, config.samples, config.seq_len, config.seed, progress)
     else:  # the windows `prepare` gives the converted model's run (the full mode: no held-out tokens)
         windows, _ = _text_windows(tokenizer, config)
-    plan = FinetunePlan(blocks=[], lora=[], scale=[], bias=[], router=[], attention=True, dense_exact=True, notes=["dense control"])
+    plan = FinetunePlan(blocks=[], lora=[], experts=[], scale=[], bias=[], router=[], attention=True, dense_exact=True, notes=["dense control"])
     teacher = copy.deepcopy(dense).requires_grad_(False) if config.distill else None  # the same loss: against the untouched dense model
     t0 = time.perf_counter()
     report = _train_full(dense, {}, plan, windows, config, progress, with_mlp=True, teacher=teacher)
@@ -664,6 +680,21 @@ def _step_loss(model, x: torch.Tensor, teacher, weight: float) -> tuple[torch.Te
     return loss, (float(ce.detach()), float(kl.detach()))
 
 
+def _schedule(opt, kind: str, steps: int):
+    """Every group's learning rate times 1 (constant), or a linear warm-up over WARMUP of the steps, then a cosine decay
+    from the peak (first step after the warm-up) towards 0 (reached one step after the last)."""
+    warm = max(1, round(WARMUP * steps))
+
+    def factor(step: int) -> float:
+        if kind == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: torch.Tensor, config: FinetuneConfig,
                 progress: bool, with_mlp: bool = False, teacher=None) -> dict[str, Any]:
     """The §4.3 loop: next-token loss on the training windows (or the distillation loss against `teacher`, the dense
@@ -671,7 +702,7 @@ def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: t
     from tqdm.auto import tqdm
 
     from . import kernels
-    from .models.arch import spec_for
+    from .models.arch import decoder_layers, spec_for
 
     spec = spec_for(model)
     device = next(model.parameters()).device
@@ -683,14 +714,22 @@ def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: t
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = None
-    if plan.lora or with_mlp:
-        names = {"modules": _attention_linears(model, spec, with_mlp) if plan.attention else [],
+    dense_mlp_full = with_mlp and "experts" in config.what  # the dense control of an "experts" run: its MLP weights at full rank
+    if plan.lora or plan.attention or with_mlp:
+        names = {"modules": _attention_linears(model, spec, with_mlp and not dense_mlp_full) if plan.attention else [],
                  "parameters": [f"{spec.layers}.{i}.{spec.mlp}.{p}" for i in plan.lora for p in EXPERT_PARAMS
                                 if getattr(blocks[i], p).numel()]}
         peft_model = _add_lora(model, names, config)
     groups = []
     if peft_model is not None:
         groups.append({"params": [p for n, p in model.named_parameters() if "lora_" in n], "lr": config.learning_rate})
+    full = [t for i in plan.experts for t in (getattr(blocks[i], p) for p in EXPERT_PARAMS) if t.numel()]
+    if dense_mlp_full:
+        full += [m.weight for layer in decoder_layers(model, spec) for m in getattr(layer, spec.mlp).modules() if isinstance(m, nn.Linear)]
+    for p in full:  # after peft, which freezes everything but its adapters
+        p.requires_grad_(True)
+    if full:
+        groups.append({"params": full, "lr": config.expert_lr})
     u = [blocks[i].gate_u for i in plan.scale]
     for p in u:  # peft froze everything but the adapters; u trains (the public code's bug: PEFT froze it)
         p.requires_grad_(True)
@@ -702,8 +741,9 @@ def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: t
     if router:
         groups.append({"params": router, "lr": config.learning_rate})
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0) if groups else None
-    counter = _LoadCounter({i: blocks[i] for i in plan.bias}) if plan.bias else None
     steps = config.num_steps
+    sched = _schedule(opt, config.schedule, steps) if opt is not None else None
+    counter = _LoadCounter({i: blocks[i] for i in plan.bias}) if plan.bias else None
     batches = _window_batches(windows.shape[0], config.batch_size, steps, config.seed)
     if teacher is not None:  # the callers pass one only when config.distill > 0
         teacher.eval()
@@ -723,6 +763,7 @@ def _train_full(model, blocks: dict[int, MoEMLP], plan: FinetunePlan, windows: t
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
             if counter is not None:
                 counter.update_bias(config.bias_gamma)
             losses.append(float(loss.detach()))

@@ -24,11 +24,15 @@ def finetune(
     lr: Optional[float] = typer.Option(None, help="Learning rate of the LoRA adapters and the router (default 2e-4), or of the expert weights "
                                                   "with --local (default 1e-3)."),
     scale_lr: float = typer.Option(1e-3, help="Learning rate of the gate scale u (g = 1 + softmax(s) u)."),
+    expert_lr: float = typer.Option(2e-5, help="Learning rate of the expert weights themselves with --what ...,experts (full rank)."),
+    schedule: str = typer.Option("constant", help="Learning-rate schedule: constant, or cosine (linear warm-up over 5 % of the steps, "
+                                                  "then a cosine decay to 0)."),
     bias_gamma: float = typer.Option(1e-3, help="Step of the selection-bias sign rule per optimizer step."),
     lora_rank: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: float = typer.Option(32.0, help="LoRA alpha (scaling alpha / rank)."),
     lora_dropout: float = typer.Option(0.1, help="LoRA dropout on the attention adapters (peft has none for parameter adapters)."),
-    what: str = typer.Option("lora,scale,bias", help="What trains: a comma-separated subset of lora, scale, bias, router."),
+    what: str = typer.Option("lora,scale,bias", help="What trains: a comma-separated subset of lora (attention, and the experts unless experts is given), "
+                                                     "experts (the expert weights at full rank), scale, bias, router."),
     local: bool = typer.Option(False, "--local", help="Train each MoE block alone to match the dense MLP on its own inputs, layer by layer."),
     distill: float = typer.Option(0.0, help="Weight of distillation from the dense base model: loss = (1 - w) x next-token loss + w x "
                                             "KL(dense || model); 0 = next-token loss only (CMoE), 1 = learn the dense model's predictions alone."),
@@ -45,7 +49,7 @@ def finetune(
 
     # every input is checked before the model is loaded: settings, outputs, the checkpoint, texts, windows
     cfg = FinetuneConfig(text=text, samples=samples, seq_len=seq_len, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
-                         scale_lr=scale_lr, bias_gamma=bias_gamma, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         scale_lr=scale_lr, expert_lr=expert_lr, schedule=schedule, bias_gamma=bias_gamma, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          what=what, local=local, distill=distill, seed=seed, evaluate=evaluate, ppl=ppl)
     cfg.check()
     check_output_dir(output, "--output", overwrite=overwrite)
