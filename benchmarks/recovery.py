@@ -1,7 +1,8 @@
 """Recovery on SmolLM2: training-free | + refit | + fine-tuning | + both, with the dense model (and a fine-tuned dense control).
 
-Protocol austen-v1 (quick by default), fp32, calibration 8 x 2048 austen tokens (seed 0), dense scored in the same
-run on the same windows. Conversion settings: CMoE at the given layouts (24 router neurons, the best training-free
+Protocol austen-v1 (quick by default), fp32, calibration 8 x 2048 austen tokens (seed 0; `--calib` and
+`--calib-samples` change the conversions' calibration text, e.g. `austen+wordnet`), dense scored in the same run on
+the same windows. Conversion settings: CMoE at the given layouts (24 router neurons, the best training-free
 CMoE of the README) and MoEfication at 50 % (`--moefication`). Fine-tuning: `moeify.finetune` with the options
 given as JSON (`--ft-opts`), on the calibration novels only (never the evaluation windows). The README's runs use
 the layer-local mode (`{"local": true}`): each block learns the dense MLP's outputs, never the text itself, so it
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--layouts", default="S3A3E8,S1A3E8,S1A1E8")
     ap.add_argument("--router-neurons", type=int, default=24)
+    ap.add_argument("--calib", default="austen", help="calibration text of the conversions (a text source, e.g. austen+wordnet)")
+    ap.add_argument("--calib-samples", type=int, default=8, help="calibration windows of 2048 tokens")
     ap.add_argument("--moefication", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--runs", default="base,refit,ft,refit+ft", help="comma list of: base, refit, ft, refit+ft")
     ap.add_argument("--ft-opts", default="{}", help="FinetuneConfig options as JSON")
@@ -58,7 +61,7 @@ def main() -> None:
     ft_opts = {"evaluate": False, **json.loads(args.ft_opts)}
 
     dense, tok = moeify.load_model(args.model)
-    cal = moeify.Calibration(source="austen", samples=8, seq_len=2048, seed=0)
+    cal = moeify.Calibration(source=args.calib, samples=args.calib_samples, seq_len=2048, seed=0)
     cal.validate(tok)
     windows = perplexity_windows(tok, source="austen", quick=not args.full)
     ft_cfg = moeify.FinetuneConfig(**ft_opts)
@@ -68,7 +71,9 @@ def main() -> None:
     result = json.loads(args.json.read_text()) if args.json.is_file() else {}
     # rows are comparable only for the same conversion settings and protocol (its own key: run_info's "settings" holds the
     # latest command's arguments, which differ from run to run of a resumed table)
-    recovery_settings = {"router_neurons": args.router_neurons, "full": args.full}
+    recovery_settings = {"router_neurons": args.router_neurons, "full": args.full,
+                         **({"calib": args.calib, "calib_samples": args.calib_samples}
+                            if (args.calib, args.calib_samples) != ("austen", 8) else {})}
     if result.get("recovery_settings", recovery_settings) != recovery_settings or "rows" not in result:
         result = {"rows": []}
     result["recovery_settings"] = recovery_settings
