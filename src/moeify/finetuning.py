@@ -18,7 +18,10 @@ quality. CMoE recovers part of it with a short fine-tuning run that trains three
    optimizer step b_e += γ sign(mean load - load_e), the load counted from the routing the
    forward pass used. b is a buffer of the block, so it is saved (the public code loses it).
 
-Optional: "router" trains the router's parameters by gradient (through the gate weights).
+Optional: "router" trains the router's parameters by gradient (through the gate weights);
+"experts" trains the packed expert parameters themselves at full rank (their own learning rate)
+instead of a rank-r adapter, LoRA then adapting attention only; `schedule="cosine"` warms every
+learning rate up over the first 5 % of the steps and decays it along a cosine.
 
 Optional: **distillation** from the dense base model (`distill=α`, full mode): the loss is
 (1 - α) · next-token cross-entropy + α · KL(dense ‖ model) of the next-token distributions,
@@ -611,8 +614,8 @@ def finetune_dense_control(dense: nn.Module, config: FinetuneConfig, *, tokenize
     LoRA (same rank, alpha, dropout, learning rate, steps, seed) on every Linear of every decoder layer
     (attention and the dense MLP's projections, the counterparts of the converted model's attention and
     expert adapters), merged; when the run trains the experts at full rank ("experts" in config.what), the
-    dense MLP's weights train at full rank too (expert_lr) and LoRA adapts attention only. Its perplexity after training is what a converted model's fine-tuned
-    perplexity is compared with, so a gain from learning the training text's domain is not counted as
+    dense MLP's weights train at full rank too (expert_lr) and LoRA adapts attention only. Its perplexity
+    after training is what a converted model's fine-tuned perplexity is compared with, so a gain from learning the training text's domain is not counted as
     recovery. With distillation the control trains on the same loss against a frozen copy of itself.
     Returns (model changed in place, report).
     """
