@@ -3,10 +3,10 @@
 KL(dense || model) per token, teacher-forced, on the validation documents of four multiple-choice tasks that
 the README's zero-shot evaluation does not use (SciQ, OpenBookQA, CommonsenseQA, HellaSwag; the offline copies
 `moeify pull` caches): each document is its question (or context) followed by its correct answer, scored from
-its first token, as lm-eval feeds a zero-shot document (the dense logits held in bfloat16, the KL in float32). The mean over the documents of each task, the mean over
-the four tasks, and the same KL on 8 Austen held-out windows of 512 tokens. A continuous, low-noise companion to
-zero-shot accuracy (whose 4-task mean moves by ~2 points between two seeds of one recipe), measured on documents
-no recipe was chosen on.
+its first token, as lm-eval feeds a zero-shot document (the dense logits held in bfloat16, the KL in float32).
+The mean over the documents of each task, the mean over the four tasks, and the same KL on 8 Austen held-out
+windows of 512 tokens. A continuous, low-noise companion to zero-shot accuracy (whose 4-task mean moves by ~2
+points between two seeds of one recipe), on documents outside that evaluation.
 
     python benchmarks/task_kl.py out/a out/b --json benchmarks/results/task_kl.json
 """
