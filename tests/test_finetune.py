@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import random
 from pathlib import Path
 
@@ -204,7 +205,6 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
         sched.step()
     warm = 2  # 5 % of 40 steps
     expected = [0.5 * (s + 1) / warm for s in range(warm)]
-    import math
     expected += [0.5 * 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))) for s in range(warm, steps)]
     assert seen == pytest.approx(expected, abs=1e-12)
     assert seen[-1] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 37 / 38)))  # the last step still learns a little
