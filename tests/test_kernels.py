@@ -125,6 +125,7 @@ CASES = [
     dict(router="linear", act="relu", top_k=1),
     dict(router="linear", act="gelu", top_k=3),
     dict(sizes=(), shared=20, top_k=0, router="static"),  # a pruned MLP: shared expert only
+    dict(sizes=(3, 4, 5, 6) * 4, top_k=8, gate="cmoe", compensate=True),  # 16 experts, half selected: a masked reference
 ]
 
 
@@ -240,6 +241,50 @@ def test_masked_path_is_chosen_only_when_the_tokens_cover_the_experts(monkeypatc
             used.clear()
             torch_backend.moe_forward(block, _x(T))
             assert (used == ["masked"]) == (3 <= T <= torch_backend.MASKED_MAX_TOKENS), T
+
+
+def _grouped_reference(block: MoEMLP, x: torch.Tensor) -> torch.Tensor:
+    """forward_reference with the routed experts always grouped by expert."""
+    out = block._shared(x) if block.shared_size else torch.zeros(x.shape[0], H)
+    _, idx, w = block.route(x)
+    block._grouped_routed(x, idx, w, out)
+    block._compensate(out, idx)
+    return out
+
+
+@pytest.mark.parametrize("case", [dict(top_k=8, gate="cmoe", compensate=True, selection_bias=True),
+                                  dict(top_k=11, router="linear", scales=True, act="gelu_pytorch_tanh")],
+                         ids=["half,cmoe-gate,compensated", "11-of-16,scales"])
+def test_reference_masks_many_experts_with_grouped_values_and_gradients(case):
+    """16 experts, each token selecting at least half (MoEfication's shape): forward_reference runs them as one masked
+    matmul pair; output and every gradient (input, gate u, packed weights, router) equal the grouped path's."""
+    block = _block(sizes=tuple(3 + i % 4 for i in range(16)), **case).train()
+    x = _x(37)
+    assert block.masks_experts(x)
+    params = [p for p in block.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    grads = []
+    for f in (MoEMLP.forward_reference, _grouped_reference):
+        xi = x.clone().requires_grad_(True)
+        out = f(block, xi)
+        gs = torch.autograd.grad(out.square().sum(), [xi, *params], allow_unused=True)
+        grads.append((out.detach(), gs))
+    (a, ga), (b, gb) = grads
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    assert sum(g is not None for g in ga) >= 5  # x, gate_up, down, gate u or scales, the router
+    for g1, g2 in zip(ga, gb):
+        assert (g1 is None) == (g2 is None)
+        if g1 is not None:
+            torch.testing.assert_close(g1, g2, atol=1e-4, rtol=1e-4)
+
+
+def test_reference_groups_few_experts_fewer_selected_and_half_precision():
+    x = _x(9)
+    assert not _block(top_k=3).masks_experts(x)  # 5 experts, 3 selected: grouping is as fast
+    assert not _block(sizes=(3,) * 16, top_k=7).masks_experts(x)  # fewer than half selected
+    assert _block(sizes=(3,) * 16, top_k=8).masks_experts(x)
+    assert not _block(sizes=(3,) * 16, top_k=8).to(torch.bfloat16).masks_experts(x.bfloat16())  # weights in float32
 
 
 def test_one_token_path_merges_neighbouring_experts_exactly(monkeypatch):

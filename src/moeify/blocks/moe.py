@@ -30,6 +30,9 @@ from ..errors import InputError
 from .routers import ROUTERS
 
 FORMAT_VERSION = 1
+# forward_reference runs the routed experts masked (one matmul pair) from this many experts on, when every token
+# selects at least half of them (MoEMLP.masks_experts)
+MASKED_MIN_EXPERTS = 16
 
 
 # --------------------------------------------------------------------------- the block
@@ -196,6 +199,27 @@ class MoEMLP(nn.Module):
             out.index_add_(0, token[pos : pos + c], ye.to(out.dtype) * ws[pos : pos + c, None])
             pos += c
 
+    def masks_experts(self, x: torch.Tensor) -> bool:
+        """Run the routed experts as one masked matmul pair (`_masked_routed`) instead of grouping tokens by expert.
+
+        When every token selects at least half of many experts (MoEfication's 16 of 32), grouping saves at most
+        half of the multiply-adds and pays one matmul pair, a gather and a scatter per expert, twice under autograd
+        (fine-tuning): one block's forward + backward on 2048 tokens took 2.0 s grouped and 0.5 s masked for
+        MoEfication 50 % on SmolLM2 (one thread). With few experts grouping is as fast (CMoE S3A3E8, 3 of 5 routed)
+        or faster (S1A3E8, S1A1E8) and stays. float32 only: half-precision grouping weights in float32.
+        """
+        return (self.num_experts >= MASKED_MIN_EXPERTS and 2 * self.top_k >= self.num_experts
+                and x.dtype == accumulation_dtype(x.dtype))
+
+    def _masked_routed(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Every routed expert on every token as one packed matmul pair, each neuron's activation times its
+        expert's gate weight (0 where the token did not select the expert): the grouped path's result."""
+        gate_cols, up_cols, neuron_expert = self._cols(x.device)
+        weight = torch.zeros(x.shape[0], self.num_experts, dtype=w.dtype, device=x.device).scatter(1, idx, w)
+        gu = x @ self.gate_up.T
+        h = self.act_fn(gu[:, gate_cols]) * gu[:, up_cols] * weight[:, neuron_expert].to(x.dtype)
+        return h @ self.down
+
     def _compensate(self, out: torch.Tensor, idx: torch.Tensor) -> None:
         """Add each unselected expert's calibration-mean output (compensate=True blocks only)."""
         if self.dropped_bias is not None:
@@ -221,7 +245,10 @@ class MoEMLP(nn.Module):
                 out += self._dense_routed(x, scale).to(acc_dtype)
             else:
                 _, idx, w = self.route(x)
-                self._grouped_routed(x, idx, w, out)
+                if self.masks_experts(x):
+                    out += self._masked_routed(x, idx, w)
+                else:
+                    self._grouped_routed(x, idx, w, out)
                 self._compensate(out, idx)
         return out
 

@@ -13,7 +13,8 @@ Backends (the `kernel` of a MoEMLP; `None` picks one per call):
   expert-sorted tokens with the activation and the gate weight fused, fp32
   accumulation, no host synchronisation.
 * ``"reference"``: MoEMLP.forward_reference, the readable definition the others
-  are tested against.
+  are tested against (tokens grouped by expert; with 16 or more experts of which
+  every token selects at least half, one masked matmul pair: MoEMLP.masks_experts).
 
 While autograd records (training, fine-tuning the gates) the reference path runs:
 the fast paths use in-place updates that autograd cannot differentiate through.
