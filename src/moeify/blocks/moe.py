@@ -204,9 +204,10 @@ class MoEMLP(nn.Module):
 
         When every token selects at least half of many experts (MoEfication's 16 of 32), grouping saves at most
         half of the multiply-adds and pays one matmul pair, a gather and a scatter per expert, twice under autograd
-        (fine-tuning): one block's forward + backward on 2048 tokens took 2.0 s grouped and 0.5 s masked for
-        MoEfication 50 % on SmolLM2 (one thread). With few experts grouping is as fast (CMoE S3A3E8, 3 of 5 routed)
-        or faster (S1A3E8, S1A1E8) and stays. float32 only: half-precision grouping weights in float32.
+        (fine-tuning): a distillation step of MoEfication 50 % on SmolLM2 takes half the time masked
+        (benchmarks/finetune_step.py). With few experts grouping is as fast (CMoE S3A3E8, 3 of 5 routed) or faster
+        (S1A3E8, S1A1E8: one block's forward + backward ~2x faster grouped) and stays. float32 only: half-precision
+        grouping weights in float32.
         """
         return (self.num_experts >= MASKED_MIN_EXPERTS and 2 * self.top_k >= self.num_experts
                 and x.dtype == accumulation_dtype(x.dtype))
