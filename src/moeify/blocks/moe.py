@@ -168,6 +168,7 @@ class MoEMLP(nn.Module):
         return self._col_cache[device]
 
     def _dense_routed(self, x: torch.Tensor, neuron_scale: torch.Tensor | None) -> torch.Tensor:
+        """Every routed neuron on every token, its activation times neuron_scale ([R], or [T, R] per token)."""
         gate_cols, up_cols, _ = self._cols(x.device)
         gu = x @ self.gate_up.T
         h = self.act_fn(gu[:, gate_cols]) * gu[:, up_cols]
@@ -215,11 +216,8 @@ class MoEMLP(nn.Module):
     def _masked_routed(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Every routed expert on every token as one packed matmul pair, each neuron's activation times its
         expert's gate weight (0 where the token did not select the expert): the grouped path's result."""
-        gate_cols, up_cols, neuron_expert = self._cols(x.device)
         weight = torch.zeros(x.shape[0], self.num_experts, dtype=w.dtype, device=x.device).scatter(1, idx, w)
-        gu = x @ self.gate_up.T
-        h = self.act_fn(gu[:, gate_cols]) * gu[:, up_cols] * weight[:, neuron_expert].to(x.dtype)
-        return h @ self.down
+        return self._dense_routed(x, weight[:, self._cols(x.device)[2]])
 
     def _compensate(self, out: torch.Tensor, idx: torch.Tensor) -> None:
         """Add each unselected expert's calibration-mean output (compensate=True blocks only)."""
